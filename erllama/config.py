@@ -1,0 +1,329 @@
+"""The typed configuration tree and ``load_config(path)``.
+
+One TOML file is loaded once by the supervisor into ``Config``; each child
+receives its own section in its ``Init`` message. Nothing else reads files
+or ``ERLLAMA_*`` variables. Units are part of the names (``_s``, ``_ms``,
+``_bytes``). ``examples/erllama.toml`` documents every option.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+GIB = 1024**3
+MIB = 1024**2
+
+QuantName = str
+TierName = Literal["ram", "ram_file", "disk"]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the field."""
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ModelOpts(_Section, frozen=True):
+    """llama.cpp model parameters."""
+
+    n_gpu_layers: int = 0
+    main_gpu: int = 0
+    split_mode: Literal["none", "layer", "row"] = "layer"
+    tensor_split: list[float] | None = None
+    use_mmap: bool = True
+    use_mlock: bool = False
+    vocab_only: bool = False
+
+
+class ContextOpts(_Section, frozen=True):
+    """llama.cpp context parameters (explicit defaults, REFERENCE D40)."""
+
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_seq_max: int = 1
+    n_threads: int | None = None  # None: the number of CPU cores
+    n_threads_batch: int | None = None
+    embeddings: bool = False
+    offload_kqv: bool = True
+    flash_attn: Literal["auto", "on", "off"] = "auto"
+    type_k: Literal["f16", "f32", "bf16", "q4_0", "q5_0", "q5_1", "q8_0"] = "f16"
+    type_v: Literal["f16", "f32", "bf16", "q4_0", "q5_0", "q5_1", "q8_0"] = "f16"
+    swa_full: bool = True  # keep the full sliding-window cache: partial restores stay exact
+
+
+class PolicyConfig(_Section, frozen=True):
+    """Save gates (REFERENCE §7), validated at load (D22)."""
+
+    saves_enabled: bool = True
+    min_tokens: int = 512
+    cold_min_tokens: int = 512
+    cold_max_tokens: int = 30000
+    continued_interval: int = 2048
+    boundary_trim_tokens: int = 32
+    boundary_align_tokens: int = 2048
+    session_resume_wait_ms: int = 500
+    prefill_chunk_size: int | None = None  # None: max(64, n_batch // 4)
+
+
+class RestartPolicy(_Section, frozen=True):
+    """Per-child restart policy (OTP words, supervisord/circus numbers)."""
+
+    restart: Literal["permanent", "transient", "temporary"] = "transient"
+    max_restarts: int = 5
+    within_s: float = 60.0
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    startsecs: float = 5.0
+
+
+class StubOpts(_Section, frozen=True):
+    """Knobs of the deterministic stub backend (tests only)."""
+
+    n_ctx: int = 4096
+    n_vocab: int = 32000
+    token_delay_ms: float = 0.0
+    prefill_delay_ms_per_token: float = 0.0
+    crash_after_tokens: int | None = None
+    crash_mode: Literal["sigkill", "segfault", "exit", "raise"] = "sigkill"
+    hang_after_tokens: int | None = None
+    fail_load: str | None = None  # an error code to fail the load with
+    load_delay_ms: float = 0.0
+
+
+class Markers(_Section, frozen=True):
+    start: str
+    end: str
+    payload_start: str | None = None
+    payload_end: str | None = None
+
+
+class ModelSpec(_Section, frozen=True):
+    """One model: what ``load_model(config, model_id)`` takes (REFERENCE §2)."""
+
+    id: str | None = None
+    backend: Literal["llama", "stub"] = "llama"
+    model_path: str | None = None  # None: the bundled Gemma 3 270M Q4_K_M
+    model_opts: ModelOpts = ModelOpts()
+    context_opts: ContextOpts = ContextOpts()
+    fingerprint: str | None = None  # 64 hex chars; None: computed per fingerprint_mode
+    fingerprint_mode: Literal["safe", "gguf_chunked", "fast_unsafe"] = "safe"
+    quant_type: QuantName | None = None  # None: read from the GGUF (llama) / "f16" (stub)
+    quant_bits: int | None = None
+    ctx_params_hash: str | None = None  # 64 hex chars; None: derived from context_opts
+    context_size: int | None = None  # None: n_ctx
+    tier: TierName = "ram"
+    policy: dict[str, int | bool | None] = {}
+    default_response_tokens: int = 256
+    thinking_markers: Markers | None = None
+    tool_call_markers: Markers | None = None
+    restart: RestartPolicy = RestartPolicy()
+    stub: StubOpts = StubOpts()
+
+
+class TierConfig(_Section, frozen=True):
+    name: TierName
+    path: str | None = None  # ram: /dev/shm/erllama-<daemon id>; others: required
+    budget_bytes: int = 1 * GIB
+
+
+class CacheConfig(_Section, frozen=True):
+    tiers: list[TierConfig] = [TierConfig(name="ram", budget_bytes=1 * GIB)]
+    policy: PolicyConfig = PolicyConfig()
+    reservation_ttl_s: float = 60.0
+    sweep_interval_s: float = 30.0
+    writer_queue_bytes: int = 256 * MIB
+    hostname: str | None = None
+
+
+class SchedulerConfig(_Section, frozen=True):
+    enabled: bool = False
+    pressure_source: Literal["system", "nvml", "noop"] = "system"
+    interval_s: float = 5.0
+    high_watermark: float = 0.85
+    low_watermark: float = 0.75
+    min_evict_bytes: int = 1 * MIB
+    evict_tiers: list[TierName] = ["ram", "ram_file"]
+
+
+class SupervisorConfig(_Section, frozen=True):
+    heartbeat_interval_s: float = 2.0
+    heartbeat_liveness: int = 3
+    stall_timeout_s: float = 120.0
+    ready_timeout_s: float = 300.0
+    drain_timeout_s: float = 30.0
+    term_timeout_s: float = 5.0
+    max_restarts: int = 5  # root intensity: restarts of meta/router/scheduler
+    within_s: float = 30.0
+
+
+class DaemonConfig(_Section, frozen=True):
+    run_dir: str | None = None  # None: protocol.sockets.default_run_dir()
+    endpoint: str | None = None  # None: ipc://<run_dir>/client.sock
+    log_level: str = "INFO"
+    log_file: str | None = None
+
+
+class Config(_Section, frozen=True):
+    daemon: DaemonConfig = DaemonConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    models: list[ModelSpec] = []
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+
+DEFAULT_MODEL_ID = "default"
+
+
+def default_config() -> Config:
+    """What ``erllama serve`` runs with no config: the bundled model as ``default``."""
+    return Config(models=[ModelSpec(id=DEFAULT_MODEL_ID)])
+
+
+def convert_config(raw: dict[str, Any]) -> Config:
+    try:
+        return msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def convert_model_spec(raw: dict[str, Any]) -> ModelSpec:
+    try:
+        return msgspec.convert(raw, ModelSpec)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Load a TOML file (or the defaults when ``path`` is None), then env overrides.
+
+    ``ERLLAMA_RUN_DIR`` and ``ERLLAMA_ENDPOINT`` override ``daemon.run_dir`` and
+    ``daemon.endpoint``.
+    """
+    if path is None:
+        cfg = default_config()
+    else:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        cfg = convert_config(raw)
+    overrides: dict[str, Any] = {}
+    if run_dir := os.environ.get("ERLLAMA_RUN_DIR"):
+        overrides["run_dir"] = run_dir
+    if endpoint := os.environ.get("ERLLAMA_ENDPOINT"):
+        overrides["endpoint"] = endpoint
+    if overrides:
+        cfg = msgspec.structs.replace(cfg, daemon=msgspec.structs.replace(cfg.daemon, **overrides))
+    validate_config(cfg)
+    return cfg
+
+
+def effective_policy(global_policy: PolicyConfig, spec: ModelSpec) -> PolicyConfig:
+    """The model's policy: global gates with ``spec.policy`` merged over them, validated."""
+    try:
+        merged = msgspec.convert(
+            {**msgspec.to_builtins(global_policy), **spec.policy}, PolicyConfig
+        )
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"policy: {exc}") from None
+    if merged.prefill_chunk_size is None:
+        merged = msgspec.structs.replace(
+            merged, prefill_chunk_size=max(64, spec.context_opts.n_batch // 4)
+        )
+    validate_policy(merged)
+    return merged
+
+
+def validate_policy(p: PolicyConfig) -> None:
+    """Upstream's validation order (REFERENCE §7.3); first failure wins."""
+    if p.min_tokens < 1:
+        raise ConfigError(
+            "policy.min_tokens must be >= 1 (use saves_enabled=false to disable saves)"
+        )
+    if p.cold_min_tokens < p.min_tokens:
+        raise ConfigError("policy ordering: cold_min_tokens must be >= min_tokens")
+    if p.cold_max_tokens < p.cold_min_tokens:
+        raise ConfigError("policy ordering: cold_max_tokens must be >= cold_min_tokens")
+    if p.continued_interval <= 0:
+        raise ConfigError("policy.continued_interval must be > 0")
+    if p.boundary_trim_tokens < 0:
+        raise ConfigError("policy.boundary_trim_tokens must be >= 0")
+    if p.boundary_align_tokens <= 0:
+        raise ConfigError("policy.boundary_align_tokens must be > 0")
+    if p.session_resume_wait_ms < 0:
+        raise ConfigError("policy.session_resume_wait_ms must be >= 0")
+    if p.prefill_chunk_size is not None and p.prefill_chunk_size <= 0:
+        raise ConfigError("policy.prefill_chunk_size must be > 0")
+
+
+def _check_hex32(name: str, value: str | None) -> None:
+    if value is None:
+        return
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be 64 hex characters") from None
+    if len(raw) != 32:
+        raise ConfigError(f"{name} must be 64 hex characters (32 bytes)")
+
+
+def validate_model_spec(spec: ModelSpec, cache: CacheConfig) -> None:
+    """Checks that upstream only found at runtime (D20, D22, D30)."""
+    c = spec.context_opts
+    if c.n_ctx < 16:
+        raise ConfigError("context_opts.n_ctx must be >= 16")
+    if c.n_batch < 1 or c.n_ubatch < 1:
+        raise ConfigError("context_opts.n_batch and n_ubatch must be >= 1")
+    if not 1 <= c.n_seq_max <= 256:
+        raise ConfigError("context_opts.n_seq_max must be in 1..256")
+    if c.n_batch <= c.n_seq_max and c.n_seq_max > 1:
+        raise ConfigError("context_opts.n_batch must be > n_seq_max")
+    _check_hex32("fingerprint", spec.fingerprint)
+    _check_hex32("ctx_params_hash", spec.ctx_params_hash)
+    if spec.default_response_tokens < 1:
+        raise ConfigError("default_response_tokens must be >= 1")
+    if spec.tier not in {t.name for t in cache.tiers}:
+        raise ConfigError(f"tier {spec.tier!r} is not configured in [cache.tiers]")
+    r = spec.restart
+    if r.max_restarts < 0 or r.within_s <= 0 or r.backoff_initial_s <= 0:
+        raise ConfigError("restart: max_restarts >= 0, within_s > 0, backoff_initial_s > 0")
+    if r.backoff_max_s < r.backoff_initial_s:
+        raise ConfigError("restart.backoff_max_s must be >= backoff_initial_s")
+    effective_policy(cache.policy, spec)
+
+
+def validate_config(cfg: Config) -> None:
+    names = [t.name for t in cfg.cache.tiers]
+    if len(names) != len(set(names)):
+        raise ConfigError("cache.tiers: each tier name may appear once")
+    for t in cfg.cache.tiers:
+        if t.budget_bytes < 0:
+            raise ConfigError(f"cache.tiers[{t.name}].budget_bytes must be >= 0")
+        if t.name != "ram" and not t.path:
+            raise ConfigError(f"cache.tiers[{t.name}].path is required")
+    validate_policy(cfg.cache.policy)
+    s = cfg.scheduler
+    if not 0.0 <= s.low_watermark < s.high_watermark <= 1.0:
+        raise ConfigError("scheduler watermarks: need 0 <= low_watermark < high_watermark <= 1")
+    if s.interval_s <= 0:
+        raise ConfigError("scheduler.interval_s must be > 0")
+    ids = [m.id for m in cfg.models if m.id is not None]
+    if len(ids) != len(set(ids)):
+        raise ConfigError("models: duplicate model id")
+    for m in cfg.models:
+        validate_model_spec(m, cfg.cache)
+
+
+def resolve_run_dir(cfg: Config) -> Path:
+    from erllama.protocol.sockets import default_run_dir
+
+    return Path(cfg.daemon.run_dir) if cfg.daemon.run_dir else default_run_dir()

@@ -1,0 +1,1 @@
+"""The wire contract: messages, codec, error codes, socket factory (a leaf package)."""

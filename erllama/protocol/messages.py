@@ -1,0 +1,437 @@
+"""Every wire shape of the client, router, worker and control channels.
+
+The cache-meta channel lives in ``protocol/meta_messages.py`` (same rules).
+
+Rules (STYLE §3.1):
+* Every message is a frozen, keyword-only msgspec Struct tagged on ``t``.
+  The tag is the operation name; it is never reused for another shape.
+* Every message carries ``request_id`` (empty for pushes such as status).
+* New fields go at the end with a default; a field's type never changes.
+* Limits are part of the types (``Annotated[..., Meta(max_length=...)]``)
+  and are checked while decoding, before anything is built from the data.
+* Token lists travel as packed little-endian u32 bytes (``protocol.tokens``).
+* Results of a request travel inside ``Reply.result`` as ``msgspec.Raw`` so
+  the router can forward them without knowing their type; the client decodes
+  them with the result type of the operation it sent.
+
+Channels:
+    client -> router    ClientRequest   (router forwards most of them, body untouched)
+    router -> client    ClientReply     (Reply, ErrorReply, stream events)
+    worker -> router    WorkerPush      (WorkerStatus) plus ClientReply bodies
+    child <-> root      ControlMessage  (Hello, Init, Ready, StartFailed, Ping, Pong, Stop, ...)
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+# ---------------------------------------------------------------- limits
+MAX_ID_LEN = 256
+MAX_TEXT_LEN = 8 * 1024 * 1024  # 8 MiB of prompt text
+MAX_TOKENS = 1 << 20  # 1M tokens in one list
+MAX_STOP_SEQUENCES = 64
+MAX_STOP_LEN = 1024
+MAX_GRAMMAR_LEN = 1024 * 1024
+MAX_LIST_LEN = 100_000
+
+Id = Annotated[str, msgspec.Meta(max_length=MAX_ID_LEN)]
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT_LEN)]
+TokenBytes = Annotated[bytes, msgspec.Meta(max_length=4 * MAX_TOKENS)]
+Key = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+Phase = Literal["idle", "prefilling", "generating"]
+HitKind = Literal["exact", "partial", "cold", "sticky"]
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class Msg(msgspec.Struct, frozen=True, kw_only=True, tag_field="t"):
+    """Base of every message."""
+
+    request_id: Id = ""
+
+
+# ================================================================ results
+class Result(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Base of the result structs carried in ``Reply.result``."""
+
+
+class CacheHit(Result, frozen=True):
+    kind: HitKind
+    prefix_len: int
+
+
+class CacheDelta(Result, frozen=True):
+    read: int = 0
+    created: int = 0
+
+
+class Stats(Result, frozen=True):
+    """The stats map; also the payload of the ``done`` event."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    prefill_ms: float
+    generation_ms: float
+    cache_hit_kind: HitKind
+    finish_reason: FinishReason
+    cancelled: bool
+    finish_key: bytes | None
+    committed_tokens: int
+    cache_delta: CacheDelta
+    stop_sequence: str | None = None
+
+
+class CompletionResult(Result, frozen=True):
+    reply: str
+    generated: bytes  # packed u32 tokens
+    context_tokens: bytes  # packed u32 tokens
+    committed_tokens: int
+    finish_key: bytes | None
+    cache_hit_kind: HitKind
+    finish_reason: FinishReason
+    cache_delta: CacheDelta
+    stats: Stats
+    stop_sequence: str | None = None
+
+
+class PrefillResult(Result, frozen=True):
+    context_tokens: bytes
+    committed_tokens: int
+    finish_key: bytes | None
+    cache_hit_kind: HitKind
+    cache_delta: CacheDelta
+
+
+class ModelInfo(Result, frozen=True):
+    """``model_info`` (REFERENCE §1.1) plus the supervisor's view of the model."""
+
+    id: str
+    model_id: str
+    pid: int | None
+    status: str  # idle | prefilling | generating | loading | restarting | failed
+    phase: Phase
+    pending_len: int
+    last_cache_hit: CacheHit | None
+    backend: str
+    context_size: int
+    quant_type: str
+    quant_bits: int
+    quant_tag: str
+    tier: str
+    fingerprint: bytes
+    loaded_at_monotonic: int
+    vram_estimate_b: int
+    state: str = "ready"  # loading | ready | restarting | failed | stopping
+    restarts: int = 0
+    last_exit: str | None = None
+
+
+class StatusRow(Result, frozen=True):
+    """Lock-free per-model observation row, answered by the router."""
+
+    model: str
+    phase: Phase = "idle"
+    pending_len: int = 0
+    queue_depth: int = 0
+    last_cache_hit: CacheHit | None = None
+    state: str = "ready"
+
+
+class TierUsage(Result, frozen=True):
+    name: str
+    path: str
+    used_bytes: int
+    budget_bytes: int
+    rows: int
+
+
+class DaemonStatus(Result, frozen=True):
+    models: list[ModelInfo]
+    tiers: list[TierUsage]
+    run_dir: str
+    pid: int
+
+
+# ================================================================ requests (client -> router)
+class RequestOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Options of ``complete`` / ``stream`` / ``infer`` (REFERENCE §1.4)."""
+
+    response_tokens: int | None = None
+    parent_key: Key | None = None
+    session_id: Id | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    grammar: Annotated[str, msgspec.Meta(max_length=MAX_GRAMMAR_LEN)] | None = None
+    stop_sequences: (
+        Annotated[
+            list[Annotated[str, msgspec.Meta(max_length=MAX_STOP_LEN)]],
+            msgspec.Meta(max_length=MAX_STOP_SEQUENCES),
+        ]
+        | None
+    ) = None
+    thinking: Literal["enabled", "disabled"] | None = None
+    thinking_budget_tokens: int | None = None
+
+
+class LoadModel(Msg, frozen=True, tag="load_model"):
+    config: dict[str, Any]
+    model_id: Id | None = None
+
+
+class Unload(Msg, frozen=True, tag="unload"):
+    model: Id
+
+
+class ListModels(Msg, frozen=True, tag="list_models"):
+    pass
+
+
+class GetModelInfo(Msg, frozen=True, tag="model_info"):
+    model: Id
+
+
+class Complete(Msg, frozen=True, tag="complete"):
+    """``complete`` (mode complete), ``stream`` (text -> events), ``infer`` (tokens -> events)."""
+
+    model: Id
+    mode: Literal["complete", "stream", "infer"] = "complete"
+    prompt: Text | None = None
+    tokens: TokenBytes | None = None
+    options: RequestOptions = RequestOptions()
+
+
+class Cancel(Msg, frozen=True, tag="cancel"):
+    """Cancel the stream whose request id is ``target`` (same client). Always ok."""
+
+    target: Id
+
+
+class Tokenize(Msg, frozen=True, tag="tokenize"):
+    model: Id
+    text: Text
+
+
+class Detokenize(Msg, frozen=True, tag="detokenize"):
+    model: Id
+    tokens: TokenBytes
+
+
+class GetStatusRow(Msg, frozen=True, tag="status_row"):
+    """``phase`` / ``pending_len`` / ``last_cache_hit``: answered by the router."""
+
+    model: Id
+
+
+class QueueDepth(Msg, frozen=True, tag="queue_depth"):
+    model: Id | None = None
+
+
+class ModelStatus(Msg, frozen=True, tag="status"):
+    """``status(model)``: a round trip through the worker."""
+
+    model: Id
+
+
+class ListCachedPrefixes(Msg, frozen=True, tag="list_cached_prefixes"):
+    model: Id
+    tokens: TokenBytes
+
+
+class GetCounters(Msg, frozen=True, tag="counters"):
+    pass
+
+
+class Evict(Msg, frozen=True, tag="evict"):
+    model: Id
+
+
+class ShutdownModel(Msg, frozen=True, tag="shutdown"):
+    model: Id
+
+
+class GetDaemonStatus(Msg, frozen=True, tag="daemon_status"):
+    pass
+
+
+ClientRequest = (
+    LoadModel
+    | Unload
+    | ListModels
+    | GetModelInfo
+    | Complete
+    | Cancel
+    | Tokenize
+    | Detokenize
+    | GetStatusRow
+    | QueueDepth
+    | ModelStatus
+    | ListCachedPrefixes
+    | GetCounters
+    | Evict
+    | ShutdownModel
+    | GetDaemonStatus
+)
+# Operations the router forwards to the model's worker (body untouched).
+WORKER_OPS: frozenset[type[Msg]] = frozenset(
+    {Complete, Tokenize, Detokenize, ModelStatus, ListCachedPrefixes, Evict, ShutdownModel, Cancel}
+)
+# Operations the router forwards to the root supervisor (they change the tree).
+TREE_OPS: frozenset[type[Msg]] = frozenset({LoadModel, Unload})
+
+
+# ================================================================ replies and events
+class Reply(Msg, frozen=True, tag="ok"):
+    """Successful, terminal reply; ``result`` is msgpack of the op's result type."""
+
+    result: msgspec.Raw = msgspec.Raw(b"\xc0")
+
+
+class ErrorReply(Msg, frozen=True, tag="error"):
+    """Terminal error reply (also the ``error`` stream event; no ``done`` follows)."""
+
+    code: str
+    message: str
+    retryable: bool = False
+    remote_traceback: str | None = None
+    detail: Any = None
+
+
+class TokenEvent(Msg, frozen=True, tag="token"):
+    seq: int
+    text: str
+    token_id: int
+
+
+class ThinkingDelta(Msg, frozen=True, tag="thinking_delta"):
+    seq: int
+    text: str
+
+
+class ThinkingEnd(Msg, frozen=True, tag="thinking_end"):
+    seq: int
+    signature: bytes = b""
+
+
+class ToolCallDelta(Msg, frozen=True, tag="tool_call_delta"):
+    seq: int
+    text: str
+
+
+class ToolCallEnd(Msg, frozen=True, tag="tool_call_end"):
+    seq: int
+    text: str
+
+
+class DoneEvent(Msg, frozen=True, tag="done"):
+    seq: int
+    stats: Stats
+
+
+ClientReply = (
+    Reply
+    | ErrorReply
+    | TokenEvent
+    | ThinkingDelta
+    | ThinkingEnd
+    | ToolCallDelta
+    | ToolCallEnd
+    | DoneEvent
+)
+TERMINAL_REPLIES: frozenset[type[Msg]] = frozenset({Reply, ErrorReply, DoneEvent})
+
+
+# ================================================================ worker -> router pushes
+class WorkerStatus(Msg, frozen=True, tag="worker_status"):
+    """Pushed by a worker on every phase transition and on connect."""
+
+    model: Id
+    phase: Phase = "idle"
+    pending_len: int = 0
+    queue_depth: int = 0
+    last_cache_hit: CacheHit | None = None
+    active: int = 0
+
+
+WorkerPush = WorkerStatus
+
+
+# ================================================================ control channel (child <-> root)
+Role = Literal["meta", "router", "worker", "scheduler"]
+
+
+class Hello(Msg, frozen=True, tag="hello"):
+    role: Role
+    child_id: Id
+    pid: int
+
+
+class Init(Msg, frozen=True, tag="init"):
+    """The child's config section, as builtins (``msgspec.to_builtins``)."""
+
+    config: dict[str, Any]
+    incarnation: int = 0
+
+
+class Ready(Msg, frozen=True, tag="ready"):
+    info: dict[str, Any] = {}
+
+
+class StartFailed(Msg, frozen=True, tag="start_failed"):
+    code: str
+    message: str
+
+
+class Ping(Msg, frozen=True, tag="ping"):
+    seq: int
+
+
+class Pong(Msg, frozen=True, tag="pong"):
+    seq: int
+    active: int = 0
+    progress: int = 0  # monotonic counter of work done (tokens); frozen + active = hung
+
+
+class Stop(Msg, frozen=True, tag="stop"):
+    drain: bool = True
+
+
+class ModelStateChanged(Msg, frozen=True, tag="model_state"):
+    """Root -> router: the supervisor's view of one model changed."""
+
+    model: Id
+    state: Literal["loading", "ready", "restarting", "failed", "unloaded"]
+    info: ModelInfo | None = None
+    last_exit: str | None = None
+    restarts: int = 0
+
+
+class WorkerExited(Msg, frozen=True, tag="worker_exited"):
+    """Root -> router: the model's process is gone; fail its in-flight requests now."""
+
+    model: Id
+    reason: str
+
+
+class HoldersDied(Msg, frozen=True, tag="holders_died"):
+    """Root -> meta: release every pin and reservation held by these holders."""
+
+    holders: list[Id]
+
+
+ControlMessage = (
+    Hello
+    | Init
+    | Ready
+    | StartFailed
+    | Ping
+    | Pong
+    | Stop
+    | ModelStateChanged
+    | WorkerExited
+    | HoldersDied
+)
