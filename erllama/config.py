@@ -135,7 +135,9 @@ class TierConfig(_Section, frozen=True):
 
 
 class CacheConfig(_Section, frozen=True):
-    tiers: list[TierConfig] = [TierConfig(name="ram", budget_bytes=1 * GIB)]
+    tiers: list[TierConfig] = msgspec.field(
+        default_factory=lambda: [TierConfig(name="ram", budget_bytes=1 * GIB)]
+    )
     policy: PolicyConfig = PolicyConfig()
     reservation_ttl_s: float = 60.0
     sweep_interval_s: float = 30.0
@@ -150,7 +152,7 @@ class SchedulerConfig(_Section, frozen=True):
     high_watermark: float = 0.85
     low_watermark: float = 0.75
     min_evict_bytes: int = 1 * MIB
-    evict_tiers: list[TierName] = ["ram", "ram_file"]
+    evict_tiers: list[TierName] = msgspec.field(default_factory=lambda: ["ram", "ram_file"])
 
 
 class SupervisorConfig(_Section, frozen=True):

@@ -1,0 +1,75 @@
+"""The typed config tree: the documented example loads, bad values name their field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from erllama.config import (
+    ConfigError,
+    ModelSpec,
+    PolicyConfig,
+    default_config,
+    effective_policy,
+    load_config,
+)
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_example_config_loads_and_matches_defaults() -> None:
+    cfg = load_config(ROOT / "examples" / "erllama.toml")
+    assert [m.id for m in cfg.models] == ["default"]
+    default = default_config()
+    # the example documents the defaults: same values as the code
+    assert cfg.cache == default.cache
+    assert cfg.supervisor == default.supervisor
+    assert cfg.scheduler == default.scheduler
+    assert cfg.models[0] == default.models[0]
+
+
+def test_no_config_is_the_bundled_model() -> None:
+    cfg = load_config(None)
+    assert cfg.models[0].id == "default" and cfg.models[0].backend == "llama"
+    assert cfg.models[0].model_path is None
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ("[supervisor]\nheartbeat_interval_s = 'x'\n", "heartbeat_interval_s"),
+        ("[daemon]\nnope = 1\n", "nope"),
+        ("[[models]]\nid='a'\ntier='disk'\n", "tier"),
+        ("[scheduler]\nhigh_watermark=0.5\nlow_watermark=0.6\n", "watermark"),
+        ("[cache.policy]\nmin_tokens=0\n", "min_tokens"),
+        ("[[models]]\nid='a'\nfingerprint='zz'\n", "fingerprint"),
+        ("[[models]]\nid='a'\n[models.context_opts]\nn_seq_max=4\nn_batch=4\n", "n_batch"),
+        ("[[models]]\nid='a'\n[[models]]\nid='a'\n", "duplicate"),
+        ("this is not toml", "erllama.toml"),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path: Path, toml: str, needle: str) -> None:
+    p = tmp_path / "erllama.toml"
+    p.write_text(toml)
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert needle in str(ei.value)
+
+
+def test_env_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ERLLAMA_RUN_DIR", str(tmp_path))
+    monkeypatch.setenv("ERLLAMA_ENDPOINT", "ipc:///x/y.sock")
+    cfg = load_config(None)
+    assert cfg.daemon.run_dir == str(tmp_path)
+    assert cfg.daemon.endpoint == "ipc:///x/y.sock"
+
+
+def test_effective_policy_merges_and_validates() -> None:
+    spec = ModelSpec(id="m", policy={"min_tokens": 64, "cold_min_tokens": 64})
+    p = effective_policy(PolicyConfig(), spec)
+    assert p.min_tokens == 64 and p.prefill_chunk_size == 128
+    with pytest.raises(ConfigError):
+        effective_policy(PolicyConfig(), ModelSpec(id="m", policy={"cold_max_tokens": 1}))
+    with pytest.raises(ConfigError):
+        effective_policy(PolicyConfig(), ModelSpec(id="m", policy={"bogus": 1}))
