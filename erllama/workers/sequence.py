@@ -1,0 +1,382 @@
+"""Sequence 0 and the cache: what the KV holds, how it is filled from the cache, how it is saved.
+
+``KvState`` mirrors the backend's sequence 0 exactly (D27): every token the
+engine prefills or decodes is appended, every truncation and restore is
+applied, so ``tokens`` is always the key material of the live state.
+``cached_upto`` is the longest prefix of ``tokens`` known to be in the cache
+(a restored row, a save that landed); the trie matches any prefix of a row,
+so a save shorter than that adds nothing.
+
+``SeqCache.resolve`` (REFERENCE §8.3 with D7, D41 and the live KV):
+
+1. live: the common prefix of the prompt with ``KvState.tokens``; when it
+   covers all but at most one prompt token no lookup is made at all (this is
+   what makes repeated turns cheap);
+2. exact key of the full prompt; 3. ``parent_key`` (checkout waiting up to
+   ``session_resume_wait_ms``, the row's tokens must be a prefix of the
+   prompt); 4. the longest prefix from meta's trie (any length; a match shorter
+   than ``max(32, row/4)`` is skipped, as llama.cpp does, since restoring a big
+   state for a tiny gain loses). Each step must beat the live prefix; a failed
+   step falls through to the next (D41 R), the last to cold.
+
+A restore replaces the KV (``state_restore`` from the mapped payload, the pin
+released in a ``finally``); then the sequence is truncated to the common
+length and the last reused token is decoded again (the primer) so the logits
+are fresh: ``common == len(prompt)`` -> keep ``N-1`` and prefill ``[last]``.
+
+Saves: ``save_gated`` (cold rungs, continued frontiers: the caller applied
+the policy), ``save_finish`` (gated by ``finish_fires``, key over exactly the
+KV tokens), ``save_live`` (evict / shutdown, unconditional). A key already
+known to exist is not snapshotted again (it still counts as landed). Nothing
+is saved under an all-zero identity (D6).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Mapping, Sequence
+
+from erllama.cache.keys import FINGERPRINT_MODES, PrefixHasher, make_key, quant_byte
+from erllama.cache.kvc import KvcMeta, SaveReason
+from erllama.cache.policy import continued_frontier, finish_fires, ladder_lengths
+from erllama.config import ModelSpec, PolicyConfig
+from erllama.protocol.tokens import pack_tokens
+from erllama.workers.backend import ModelBackend
+from erllama.workers.cachelink import Candidate, WorkerCache
+from erllama.workers.request import Request
+from erllama.workers.saver import SaveJob
+
+log = logging.getLogger(__name__)
+
+MIN_PARTIAL_TOKENS = 32  # skip a longest-prefix match shorter than this ...
+MIN_PARTIAL_RATIO = 4  # ... or than 1/4 of the row (llama.cpp's host cache rule)
+LADDER_MAX_RUNGS = 4
+KNOWN_KEYS_MAX = 4096
+_ZERO32 = bytes(32)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    # compare in blocks first: cheap for the long shared prefixes of chat turns
+    step = 256
+    while i + step <= n and a[i : i + step] == b[i : i + step]:
+        i += step
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class KvState:
+    """What sequence 0 holds (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.cached_upto = 0
+        self.session: str | None = None
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        self.tokens.extend(tokens)
+
+    def append(self, token: int) -> None:
+        self.tokens.append(token)
+
+    def truncate(self, n: int) -> None:
+        del self.tokens[n:]
+        self.cached_upto = min(self.cached_upto, n)
+
+    def clear(self) -> None:
+        self.tokens = []
+        self.cached_upto = 0
+        self.session = None
+
+    def restored(self, tokens: Sequence[int]) -> None:
+        self.tokens = list(tokens)
+        self.cached_upto = len(self.tokens)
+        self.session = None
+
+    def saved(self, n: int) -> None:
+        self.cached_upto = max(self.cached_upto, n)
+
+
+class KnownKeys:
+    """Keys known to be in the cache (restored from, or saved by us): a bounded LRU."""
+
+    def __init__(self, maxlen: int = KNOWN_KEYS_MAX) -> None:
+        self._lock = threading.Lock()
+        self._keys: OrderedDict[bytes, None] = OrderedDict()
+        self._max = maxlen
+
+    def add(self, key: bytes) -> None:
+        with self._lock:
+            self._keys[key] = None
+            self._keys.move_to_end(key)
+            while len(self._keys) > self._max:
+                self._keys.popitem(last=False)
+
+    def discard(self, key: bytes) -> None:
+        with self._lock:
+            self._keys.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._keys
+
+
+class SeqCache:
+    """Cache resolution and saves of sequence 0 (see the module docstring)."""
+
+    def __init__(
+        self,
+        backend: ModelBackend,
+        cache: WorkerCache,
+        spec: ModelSpec,
+        policy: PolicyConfig,
+        kv: KvState,
+        *,
+        hostname: bytes = b"",
+        version: bytes = b"",
+    ) -> None:
+        info = backend.info
+        self.backend = backend
+        self.cache = cache
+        self.policy = policy
+        self.kv = kv
+        self.ns = (
+            bytes(info.fingerprint),
+            quant_byte(info.quant_type),
+            bytes(info.ctx_params_hash),
+        )
+        self._hasher = PrefixHasher(*self.ns)
+        self._fp_mode = FINGERPRINT_MODES.get(spec.fingerprint_mode, 0)
+        self._quant_bits = info.quant_bits
+        self._context_size = spec.context_size or info.n_ctx
+        self._state_format = bytes(getattr(backend, "state_format", b""))
+        self._hostname = hostname or socket.gethostname().encode()
+        self._version = version
+        self.identity_ok = self.ns[0] != _ZERO32 and self.ns[2] != _ZERO32
+        self.known = KnownKeys()
+        self._counters: Counter[str] = Counter()
+
+    # ================================================================ resolution
+    def resolve(self, req: Request) -> int:
+        """Fill sequence 0 for ``req.prompt`` as cheaply as possible; the prefill start."""
+        prompt = req.prompt
+        n = len(prompt)
+        live = common_prefix(self.kv.tokens, prompt)
+        found: tuple[int, str] | None = None
+        if live < n - 1:
+            t0 = time.perf_counter_ns()
+            found = self._lookup(req, live)
+            req.counters["load_total_ns"] += time.perf_counter_ns() - t0
+        sticky = False
+        if found is not None:
+            common, counter = found
+            req.counters[counter] += 1
+        elif live > 0:
+            common = live
+            req.counters["hits_live"] += 1
+            sticky = req.session_id is not None and req.session_id == self.kv.session
+        else:
+            common = 0
+            req.counters["misses"] += 1
+        req.read = common
+        if sticky:
+            req.kind = "sticky"
+        else:
+            req.kind = "exact" if common == n else "partial" if common else "cold"
+        start = n - 1 if common == n else common
+        cached = min(self.kv.cached_upto, common)
+        if start == 0:
+            self.backend.seq_clear(0)
+            self.kv.clear()
+        elif len(self.kv.tokens) > start:
+            self.backend.seq_truncate(0, start)
+            self.kv.truncate(start)
+            # the primer decodes the very token it dropped: what was cached stays cached
+            self.kv.cached_upto = cached
+        req.last_save_at = cached
+        log.debug(
+            "event=resolve request=%s kind=%s common=%d live=%d prompt=%d",
+            req.request_id,
+            req.kind,
+            common,
+            live,
+            n,
+        )
+        return start
+
+    def _lookup(self, req: Request, live: int) -> tuple[int, str] | None:
+        """Steps 2-4; ``live`` is the floor a row must beat (in prefill start terms)."""
+        prompt = req.prompt
+        n = len(prompt)
+        cand = self.cache.checkout(make_key(*self.ns, prompt))
+        if cand is not None and self._restore(cand, prompt, live, need_prefix=True) == n:
+            return n, "hits_exact"
+        if req.parent_key is not None:
+            cand = self.cache.checkout(req.parent_key, wait_ms=self.policy.session_resume_wait_ms)
+            if cand is not None:
+                common = self._restore(cand, prompt, live, need_prefix=True)
+                if common:
+                    return common, "hits_resume"
+        min_len = max(live + 1, MIN_PARTIAL_TOKENS)
+        cand = self.cache.checkout_longest(self.ns, prompt, min_len=min_len)
+        if cand is not None:
+            if cand.match_len * MIN_PARTIAL_RATIO < cand.n_tokens or cand.match_len < min_len:
+                self.cache.checkin(cand)
+                return None
+            common = self._restore(cand, prompt, live, need_prefix=False)
+            if common:
+                return common, "hits_longest_prefix"
+        return None
+
+    def _restore(self, cand: Candidate, prompt: list[int], live: int, *, need_prefix: bool) -> int:
+        """Load and restore a pinned row if it beats ``live``; the common length or 0."""
+        n = len(prompt)
+        try:
+            if cand.n_tokens <= live or (need_prefix and cand.n_tokens > n):
+                return 0
+            loaded = self.cache.load(cand)
+            if loaded is None:
+                return 0
+            try:
+                row = loaded.tokens
+                common = common_prefix(row, prompt)
+                if need_prefix and common != len(row):
+                    return 0
+                if min(common, n - 1) <= live:  # no better than the live KV after the primer
+                    return 0
+                self.backend.seq_clear(0)
+                self.kv.clear()
+                try:
+                    self.backend.state_restore(0, loaded.payload)
+                except ValueError as exc:
+                    log.warning("event=restore_rejected key=%s: %s", cand.key.hex()[:16], exc)
+                    self.backend.seq_clear(0)
+                    self.cache.report_corrupt(cand.key, "restore_rejected")
+                    return 0
+                self.kv.restored(row)
+                self.known.add(cand.key)
+                return common
+            finally:
+                loaded.close()
+        finally:
+            self.cache.checkin(cand)
+
+    def ladder(self, req: Request, start: int) -> list[int]:
+        """The cold-save rungs this prefill crosses that are not cached yet."""
+        floor = max(start, req.last_save_at)
+        return [
+            r for r in ladder_lengths(len(req.prompt), self.policy, LADDER_MAX_RUNGS) if r > floor
+        ]
+
+    def cached_prefix_len(self, tokens: Sequence[int]) -> int:
+        """``list_cached_prefixes`` with the model's own policy minimum (D24 R)."""
+        if not tokens:
+            return 0
+        return self.cache.longest_prefix_len(
+            self.ns, tokens, min_len=max(1, self.policy.min_tokens)
+        )
+
+    def clear_kv(self) -> None:
+        self.backend.seq_clear(0)
+        self.kv.clear()
+
+    # ================================================================ saves
+    def continued_due(self, req: Request) -> bool:
+        live = len(self.kv.tokens)
+        return continued_frontier(live, req.last_save_at, self.policy) == live
+
+    def save_gated(self, req: Request, reason: SaveReason) -> None:
+        """A cold rung or a continued frontier: save the live state as it is now."""
+        n = len(self.kv.tokens)
+        if self._save(make_key(*self.ns, self.kv.tokens), reason, req.counters)[0]:
+            req.created = max(req.created, n - req.read)
+            req.last_save_at = n
+            self.kv.saved(n)
+
+    def save_finish(self, req: Request) -> bytes | None:
+        """The finish save; its key when it landed or was queued, else None."""
+        n = len(self.kv.tokens)
+        if not finish_fires(n, self.policy):
+            return None
+        key = make_key(*self.ns, self.kv.tokens)
+        if req.kind != "cold" and key not in self.known and self.cache.contains(key):
+            # a warm request may well end where an earlier one did: skip the snapshot
+            self.known.add(key)
+        if not self._save(key, SaveReason.FINISH, req.counters)[0]:
+            return None
+        req.created = max(req.created, n - req.read)
+        self.kv.saved(n)
+        return key
+
+    def save_live(self, reason: SaveReason, *, unconditional: bool) -> SaveJob | None:
+        """Evict / shutdown save of the whole live sequence; the job to wait on, if queued."""
+        if not self.kv.tokens:
+            return None
+        key = make_key(*self.ns, self.kv.tokens)
+        landed, job = self._save(key, reason, self._counters, unconditional=unconditional)
+        if landed:
+            self.kv.saved(len(self.kv.tokens))
+        return job
+
+    def _save(
+        self,
+        key: bytes,
+        reason: SaveReason,
+        counters: Counter[str],
+        *,
+        unconditional: bool = False,
+    ) -> tuple[bool, SaveJob | None]:
+        """Snapshot and queue. ``(landed_or_queued, job)``."""
+        if not self.identity_ok:
+            return False, None
+        if not unconditional and key in self.known:
+            return True, None
+        t0 = time.perf_counter_ns()
+        payload = self.backend.state_snapshot(0)
+        counters["pack_total_ns"] += time.perf_counter_ns() - t0
+        now = int(time.time())
+        meta = KvcMeta(
+            save_reason=reason,
+            quant_bits=self._quant_bits,
+            context_size=self._context_size,
+            fingerprint=self.ns[0],
+            fingerprint_mode=self._fp_mode,
+            quant=self.ns[1],
+            ctx_hash=self.ns[2],
+            tokens=pack_tokens(self.kv.tokens),
+            hostname=self._hostname,
+            version=self._version,
+            creation_time=now,
+            last_used_time=now,
+            state_format=self._state_format,
+        )
+        job = SaveJob(key=key, meta=meta, payload=payload)
+        res = self.cache.submit_save(job)
+        if res.dropped:
+            counters["saves_dropped"] += res.dropped
+        if not res.accepted:
+            return False, None
+        counters["saves_queued"] += 1
+        self.known.add(key)
+        return True, job
+
+    def on_save_done(self, job: SaveJob) -> None:
+        """Saver thread: a job that did not land is not known after all."""
+        if not job.landed:
+            self.known.discard(job.key)
+
+    def send_counters(self, extra: Mapping[str, int] | None = None) -> None:
+        deltas = Counter(self._counters)
+        if extra:
+            deltas.update(extra)
+        self._counters.clear()
+        out = {k: v for k, v in deltas.items() if v}
+        if out:
+            self.cache.add_counters(out)

@@ -1,0 +1,279 @@
+"""``StubBackend``: a deterministic, weight-free ``ModelBackend`` for tests.
+
+It behaves like a tiny language model whose "weights" are SHA-256:
+
+* Tokenizer: UTF-8 bytes, token = byte + 3; BOS = 1 (prepended with
+  ``add_special``), EOS = 2, token 0 unused. Ids 259 .. n_vocab-1 are valid
+  but render as nothing.
+* KV: the token list of each sequence. ``state_snapshot`` is a small magic
+  header plus the packed tokens; ``state_restore`` checks the magic.
+* Next token: a function of the WHOLE token list of the sequence (SHA-256 of
+  the packed tokens, the seed mixed in when temperature > 0) mapped onto a
+  printable ASCII byte, so a wrong restore or a wrong truncation gives a
+  different continuation. EOS only when the context ends with the trigger
+  text (``EOS_TRIGGER`` by default).
+* Logits exist only after ``prefill`` / ``decode_one``: sampling after a
+  restore or a truncation without re-decoding raises, which catches a
+  missing primer in the engine.
+
+Delays (``spec.stub``: ``load_delay_ms``, ``prefill_delay_ms_per_token``,
+``token_delay_ms``) wait on an Event, so ``close()`` interrupts them.
+
+Fault knobs (``spec.stub``): ``fail_load`` raises ``ModelLoadError`` with that
+code at construction; ``crash_after_tokens`` = N lets N generation decodes
+succeed, then the next one crashes per ``crash_mode`` (``sigkill``,
+``segfault``, ``exit`` = ``os._exit(3)``, ``raise`` = RuntimeError);
+``hang_after_tokens`` = N blocks the next decode forever without progress.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import signal
+import struct
+import threading
+from collections.abc import Sequence
+
+from erllama.config import ModelSpec
+from erllama.protocol.errors import (
+    ErrorCode,
+    InvalidRequestError,
+    ModelLoadError,
+    NotSupportedError,
+)
+from erllama.protocol.tokens import pack_tokens
+from erllama.workers.backend import BackendInfo, SamplerOptions
+
+BOS = 1
+EOS = 2
+BYTE_OFFSET = 3
+MIN_VOCAB = 256 + BYTE_OFFSET
+EOS_TRIGGER = b"<eos>"
+STATE_MAGIC = b"ERLSTUB1"
+STATE_FORMAT = b"stub-v1"
+_PRINTABLE_FIRST = 0x20
+_PRINTABLE_COUNT = 95  # 0x20 .. 0x7e
+
+
+class _Seq:
+    """One sequence: its tokens and whether logits of the last position exist."""
+
+    __slots__ = ("has_logits", "tokens")
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.has_logits = False
+
+
+class StubSampler:
+    """Greedy (or seeded) choice over the stub's hash "logits"."""
+
+    def __init__(self, backend: StubBackend, seq: int, opts: SamplerOptions) -> None:
+        self._backend = backend
+        self._seq = seq
+        temp = opts.temperature
+        self._salt = b""
+        if temp is not None and temp > 0:
+            self._salt = struct.pack("<q", int(opts.seed or 0)) + struct.pack("<d", float(temp))
+
+    def sample(self) -> int:
+        return self._backend.next_token(self._seq, self._salt)
+
+    def close(self) -> None:
+        pass
+
+
+class StubBackend:
+    """The deterministic fake model (see the module docstring)."""
+
+    thread_safe_tokenizer = True  # tokenize/detokenize are pure: the IO thread may call them
+    state_format = STATE_FORMAT
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        fingerprint: bytes | None = None,
+        ctx_params_hash: bytes | None = None,
+        eos_trigger: bytes = EOS_TRIGGER,
+    ) -> None:
+        opts = spec.stub
+        self._opts = opts
+        self._stop = threading.Event()
+        self._hang = threading.Event()
+        if opts.load_delay_ms > 0:
+            self._stop.wait(opts.load_delay_ms / 1000.0)
+        if opts.fail_load:
+            raise ModelLoadError(f"stub load failure ({opts.fail_load})", code=opts.fail_load)
+        if opts.n_vocab < MIN_VOCAB:
+            raise ModelLoadError(
+                f"stub n_vocab must be >= {MIN_VOCAB}, got {opts.n_vocab}",
+                code=ErrorCode.LOAD_FAILED,
+            )
+        n_seq_max = max(1, spec.context_opts.n_seq_max)
+        fp = fingerprint or hashlib.sha256(b"erllama-stub-weights:%d" % opts.n_vocab).digest()
+        ctx_hash = (
+            ctx_params_hash
+            or hashlib.sha256(b"erllama-stub-ctx:%d:%d" % (opts.n_ctx, n_seq_max)).digest()
+        )
+        self.info = BackendInfo(
+            backend="stub",
+            n_ctx=opts.n_ctx,
+            n_vocab=opts.n_vocab,
+            n_batch=spec.context_opts.n_batch,
+            n_seq_max=n_seq_max,
+            quant_type=spec.quant_type or "f16",
+            quant_bits=spec.quant_bits or 16,
+            fingerprint=fp,
+            ctx_params_hash=ctx_hash,
+            n_layers=1,
+            model_size_bytes=0,
+        )
+        self._trigger = [b + BYTE_OFFSET for b in eos_trigger]
+        self._seqs = [_Seq() for _ in range(n_seq_max)]
+        self._decodes = 0  # generation decodes so far (the fault counters)
+
+    # ------------------------------------------------------------ tokenizer (pure)
+    def tokenize(
+        self, text: str, *, add_special: bool = True, parse_special: bool = False
+    ) -> list[int]:
+        del parse_special  # the stub has no special-token text
+        out = [BOS] if add_special else []
+        out.extend(b + BYTE_OFFSET for b in text.encode("utf-8"))
+        return out
+
+    def token_to_piece(self, token: int) -> bytes:
+        if BYTE_OFFSET <= token < MIN_VOCAB:
+            return bytes((token - BYTE_OFFSET,))
+        return b""
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_to_piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return token == EOS
+
+    # ------------------------------------------------------------ sequences
+    def _seq(self, seq: int) -> _Seq:
+        if not 0 <= seq < len(self._seqs):
+            raise ValueError(f"sequence {seq} out of range 0..{len(self._seqs) - 1}")
+        return self._seqs[seq]
+
+    def seq_clear(self, seq: int) -> None:
+        s = self._seq(seq)
+        s.tokens = []
+        s.has_logits = False
+
+    def seq_truncate(self, seq: int, n_keep: int) -> None:
+        s = self._seq(seq)
+        if n_keep < len(s.tokens):
+            del s.tokens[max(0, n_keep) :]
+            s.has_logits = False
+
+    def seq_tokens(self, seq: int) -> list[int]:
+        """What the stub's KV holds (tests compare it with the engine's view)."""
+        return list(self._seq(seq).tokens)
+
+    def _check_pos(self, s: _Seq, start_pos: int, n: int) -> None:
+        if start_pos != len(s.tokens):
+            raise ValueError(
+                f"decode at position {start_pos} but the sequence holds {len(s.tokens)}"
+            )
+        if start_pos + n > self.info.n_ctx:
+            raise InvalidRequestError(
+                f"{start_pos + n} tokens exceed n_ctx {self.info.n_ctx}",
+                code=ErrorCode.CONTEXT_OVERFLOW,
+            )
+
+    def _check_ids(self, tokens: Sequence[int]) -> None:
+        for t in tokens:
+            if not 0 <= t < self.info.n_vocab:
+                raise InvalidRequestError(
+                    f"token {t} out of vocabulary", code=ErrorCode.INVALID_TOKEN
+                )
+
+    def prefill(self, seq: int, tokens: Sequence[int], start_pos: int) -> None:
+        s = self._seq(seq)
+        if not tokens:
+            return
+        self._check_pos(s, start_pos, len(tokens))
+        self._check_ids(tokens)
+        if self._opts.prefill_delay_ms_per_token > 0:
+            self._stop.wait(self._opts.prefill_delay_ms_per_token * len(tokens) / 1000.0)
+        s.tokens.extend(tokens)
+        s.has_logits = True
+
+    def decode_one(self, seq: int, token: int, pos: int) -> None:
+        s = self._seq(seq)
+        self._check_pos(s, pos, 1)
+        self._check_ids((token,))
+        self._fault_point()
+        if self._opts.token_delay_ms > 0:
+            self._stop.wait(self._opts.token_delay_ms / 1000.0)
+        s.tokens.append(token)
+        s.has_logits = True
+        self._decodes += 1
+
+    def _fault_point(self) -> None:
+        o = self._opts
+        if o.hang_after_tokens is not None and self._decodes >= o.hang_after_tokens:
+            self._hang.wait()  # forever: no progress, only close() ends it
+            raise RuntimeError("stub backend closed while hung")
+        if o.crash_after_tokens is None or self._decodes < o.crash_after_tokens:
+            return
+        mode = o.crash_mode
+        if mode == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif mode == "segfault":
+            ctypes.string_at(0)
+        elif mode == "exit":
+            os._exit(3)
+        raise RuntimeError(f"stub backend fault after {self._decodes} tokens")
+
+    # ------------------------------------------------------------ sampling
+    def next_token(self, seq: int, salt: bytes = b"") -> int:
+        """The token the stub "model" predicts after the whole sequence."""
+        s = self._seq(seq)
+        if not s.has_logits:
+            raise RuntimeError("no logits: the last position was not decoded")
+        toks = s.tokens
+        if self._trigger and toks[-len(self._trigger) :] == self._trigger:
+            return EOS
+        h = hashlib.sha256(salt)
+        h.update(pack_tokens(toks))
+        byte = _PRINTABLE_FIRST + h.digest()[0] % _PRINTABLE_COUNT
+        return byte + BYTE_OFFSET
+
+    def new_sampler(self, seq: int, opts: SamplerOptions) -> StubSampler:
+        self._seq(seq)
+        if opts.grammar is not None:
+            if not opts.grammar.strip():
+                raise InvalidRequestError("grammar must not be empty", code=ErrorCode.BADARG)
+            raise NotSupportedError("the stub backend has no grammar support")
+        return StubSampler(self, seq, opts)
+
+    # ------------------------------------------------------------ state
+    def state_snapshot(self, seq: int) -> bytes:
+        toks = self._seq(seq).tokens
+        return STATE_MAGIC + struct.pack("<I", len(toks)) + pack_tokens(toks)
+
+    def state_size(self, seq: int) -> int:
+        return len(STATE_MAGIC) + 4 + 4 * len(self._seq(seq).tokens)
+
+    def state_restore(self, seq: int, payload: bytes | memoryview) -> None:
+        s = self._seq(seq)
+        data = bytes(payload)
+        head = len(STATE_MAGIC) + 4
+        if len(data) < head or data[: len(STATE_MAGIC)] != STATE_MAGIC:
+            raise ValueError("not a stub state snapshot")
+        (n,) = struct.unpack_from("<I", data, len(STATE_MAGIC))
+        if len(data) != head + 4 * n or n > self.info.n_ctx:
+            raise ValueError("stub state snapshot has a bad length")
+        s.tokens = list(struct.unpack_from(f"<{n}I", data, head))
+        s.has_logits = False
+
+    def close(self) -> None:
+        self._stop.set()
+        self._hang.set()
