@@ -1,0 +1,404 @@
+"""The cache-meta process: the only writer of the cache index.
+
+Sockets:
+    binds     ROUTER ``ipc://<run_dir>/meta.sock`` (workers, router, scheduler: DEALERs)
+    connects  DEALER ``ipc://<run_dir>/control.sock`` (identity = child id; lifecycle)
+
+Messages in:
+    meta.sock     ``protocol.meta_messages.MetaRequest`` (lookups, pins, the publish
+                  protocol, eviction, counters, tier stats)
+    control.sock  ``Init`` (config), ``Ping`` (answered by ``ControlLink``),
+                  ``HoldersDied`` (release pins/reservations/waiters), ``Stop``
+Messages out:
+    meta.sock     ``Reply`` (result structs of meta_messages) or ``ErrorReply``; none
+                  for ``add_counters``
+    control.sock  ``Hello``, ``Ready(info={"rows": n})`` or ``StartFailed``, ``Pong``
+
+Start: handshake (Init = ``{"cache": CacheConfig, "daemon_id": str}``), bind
+meta.sock, scan every tier (ram included: it outlives a meta restart within a
+daemon's life), rebuild the index, send Ready.
+
+Loop: one thread, one ``zmq.Poller`` over meta.sock, the control socket and a
+signal wakeup pipe; the poll timeout is the next deadline (reservation sweep
+every ``sweep_interval_s``, parked checkouts' expiry, the batched hit-count
+flush, D33). Requests are applied in arrival order, so the index needs no locks.
+Nothing a peer sends can leave the loop: bad input gets an ``ErrorReply`` with a
+stable code and is counted in ``bad_requests``; a bug gets ``internal``.
+
+Stop: ``Stop`` on control, or SIGTERM/SIGINT (also the parent-death signal):
+answer parked checkouts with a miss, flush hit counts, close, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import zmq
+
+from erllama import lifecycle, logs
+from erllama.cache.handlers import RequestHandlers, row_data, to_row
+from erllama.cache.kvc import KvcError, set_hit_count
+from erllama.cache.ledger import Ledger
+from erllama.cache.rows import DeleteFile, Effects, RowData, Wake
+from erllama.cache.tiers import TierLayout, resolve_final, scan_tier
+from erllama.config import CacheConfig
+from erllama.protocol.codec import Decoder, encode, error_reply, peek_request_id, reply
+from erllama.protocol.errors import ErllamaError, ErrorCode, ProtocolError
+from erllama.protocol.messages import HoldersDied, Msg, Stop
+from erllama.protocol.meta_messages import CheckoutResult, MetaRequest, Pin
+from erllama.protocol.sockets import META_SOCK, ipc_endpoint, make_socket
+
+__all__ = ["HIT_FLUSH_INTERVAL_S", "MetaServer", "main"]
+
+log = logging.getLogger(__name__)
+
+HIT_FLUSH_INTERVAL_S = 1.0
+RECV_BATCH = 256  # requests drained per wakeup before timers get a turn
+NS = 1_000_000_000
+
+
+class MetaServer(RequestHandlers):
+    """The index, its request handlers and its timers, without the sockets.
+
+    ``handle(frames)`` and ``tick()`` queue replies in ``outbox`` as
+    ``(identity, message, pin_ref)``; the loop sends them, and a reply that cannot be
+    routed (the caller gave up) gives its pin back.
+    """
+
+    def __init__(
+        self,
+        cfg: CacheConfig,
+        layout: TierLayout,
+        *,
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        self.cfg = cfg
+        self.layout = layout
+        self.clock = clock
+        self.ledger = Ledger(
+            layout.budgets,
+            clock=clock,
+            ttl_s=cfg.reservation_ttl_s,
+            token_seed=(secrets.randbits(40) << 16) | 1,
+        )
+        self.outbox: deque[tuple[bytes, Msg, int | None]] = deque()
+        self.parked: dict[int, tuple[bytes, str]] = {}
+        self._decoder: Decoder[Any] = Decoder(MetaRequest)
+        now = clock()
+        self._next_sweep = now + int(cfg.sweep_interval_s * NS)
+        self._next_flush = now + int(HIT_FLUSH_INTERVAL_S * NS)
+        self._ident = b""
+        self._handlers = self.handlers
+
+    # ------------------------------------------------------------ start
+    def scan(self) -> int:
+        """Rebuild the index from every tier's file headers; returns the row count."""
+        installed = 0
+        for tier in self.layout.tiers:
+            report = scan_tier(self.layout, tier)
+            if report.invalid_deleted:
+                self.ledger.count("corrupt_files", len(report.invalid_deleted))
+            for row in report.rows:
+                status, eff = self.ledger.insert_available(
+                    row.key, tier, row.path, row.size, row_data(row.meta)
+                )
+                if status == "inserted":
+                    installed += 1
+                    self.apply(eff)
+                else:  # the same key in an earlier tier: keep one file per key
+                    log.warning("event=scan_duplicate tier=%s key=%s", tier, row.key.hex())
+                    _unlink(row.path)
+            log.info(
+                "event=scan tier=%s rows=%d temps_deleted=%d invalid_deleted=%d renamed=%d",
+                tier,
+                len(report.rows),
+                report.temps_deleted,
+                len(report.invalid_deleted),
+                report.renamed,
+            )
+        return installed
+
+    # ------------------------------------------------------------ effects
+    def apply(self, eff: Effects) -> None:
+        """Execute the ledger's file actions (which may feed back) and answer woken waiters."""
+        actions = deque(eff.actions)
+        woken = list(eff.woken)
+        while actions:
+            action = actions.popleft()
+            if isinstance(action, DeleteFile):
+                _unlink(action.path)
+                continue
+            res = self.resolve(action.key, action.tier)
+            more = self.ledger.resolved(action.key, res)
+            actions.extend(more.actions)
+            woken.extend(more.woken)
+        for wake in woken:
+            self._answer_wake(wake)
+
+    def resolve(self, key: bytes, tier: str) -> tuple[str, str, int, RowData] | None:
+        """Stage cleanup of an abandoned reservation: adopt a valid final file, else none."""
+        res = resolve_final(self.layout, tier, key)
+        if res.invalid is not None:
+            self.ledger.count("corrupt_files")
+        log.info(
+            "event=reservation_resolved key=%s tier=%s adopted=%s temps_deleted=%d invalid=%s",
+            key.hex()[:16],
+            tier,
+            res.meta is not None,
+            res.temps_deleted,
+            res.invalid,
+        )
+        if res.meta is None:
+            return None
+        return tier, res.path, res.size, row_data(res.meta)
+
+    def _answer_wake(self, wake: Wake) -> None:
+        parked = self.parked.pop(wake.waiter, None)
+        if parked is None:
+            if wake.pin_ref is not None:
+                self.ledger.checkin(wake.pin_ref)
+            return
+        ident, rid = parked
+        if wake.pin_ref is None or wake.row is None:
+            self.outbox.append((ident, reply(rid, CheckoutResult(status="miss")), None))
+            return
+        pin = Pin(pin_ref=wake.pin_ref, row=to_row(wake.row))
+        self.outbox.append((ident, reply(rid, CheckoutResult(status="hit", pin=pin)), wake.pin_ref))
+
+    # ------------------------------------------------------------ requests
+    def handle(self, frames: list[bytes]) -> None:
+        """One request from meta.sock: ``[identity, PROTOCOL_ID, body, ...]``."""
+        if len(frames) < 2:
+            self.ledger.count("bad_requests")
+            return  # nothing to route a reply to
+        ident = frames[0]
+        rid = peek_request_id(frames[2]) if len(frames) > 2 else ""
+        try:
+            msg = self._decoder.decode(frames[1:])
+        except ProtocolError as exc:
+            self.ledger.count("bad_requests")
+            code = exc.code
+            if code == ErrorCode.MALFORMED and "length <=" in exc.message:
+                code = ErrorCode.TOO_LARGE  # a bounded field over its limit
+            log.warning("event=bad_request code=%s %s", code, exc.message)
+            self.outbox.append((ident, error_reply(rid, code, exc.message), None))
+            return
+        self._ident = ident
+        handler = self._handlers.get(type(msg))
+        try:
+            if handler is None:  # pragma: no cover - every union member has a handler
+                raise ErllamaError(f"no handler for {type(msg).__name__}", code="not_supported")
+            out = handler(msg)
+        except ErllamaError as exc:
+            if exc.code in _BAD_CODES:
+                self.ledger.count("bad_requests")
+                log.warning("event=bad_request op=%s %s", type(msg).__name__, exc)
+            self.outbox.append(
+                (ident, error_reply(msg.request_id, exc.code, exc.message, detail=exc.detail), None)
+            )
+            return
+        except Exception as exc:  # a bug: answer it, keep serving
+            self.ledger.count("internal_errors")
+            log.exception("event=internal_error op=%s", type(msg).__name__)
+            self.outbox.append(
+                (
+                    ident,
+                    error_reply(
+                        msg.request_id,
+                        ErrorCode.INTERNAL,
+                        repr(exc),
+                        remote_traceback=traceback.format_exc(),
+                    ),
+                    None,
+                )
+            )
+            return
+        if out is not None:
+            body, pin_ref = out
+            self.outbox.append((ident, reply(msg.request_id, body), pin_ref))
+
+    def park(self, waiter: int, request_id: str) -> None:
+        self.parked[waiter] = (self._ident, request_id)
+
+    # ------------------------------------------------------------ control
+    def holders_died(self, holders: list[str]) -> None:
+        for holder in holders:
+            log.info("event=holder_died holder=%s", holder)
+            self.apply(self.ledger.release_holder(holder))
+
+    def shutdown(self) -> None:
+        for wake in self.ledger.drop_all_waiters():
+            self._answer_wake(wake)
+        self.flush_hits()
+
+    # ------------------------------------------------------------ timers
+    def flush_hits(self) -> int:
+        """Persist changed hit counts into file headers (D33: batched, off the request path)."""
+        updates = self.ledger.take_dirty_hits()
+        for u in updates:
+            set_hit_count(u.path, u.hits)
+        return len(updates)
+
+    def tick(self) -> None:
+        now = self.clock()
+        for wake in self.ledger.expire_waiters():
+            self._answer_wake(wake)
+        if now >= self._next_sweep:
+            self._next_sweep = now + int(self.cfg.sweep_interval_s * NS)
+            self.apply(self.ledger.sweep())
+        if now >= self._next_flush:
+            self._next_flush = now + int(HIT_FLUSH_INTERVAL_S * NS)
+            self.flush_hits()
+
+    def timeout_ms(self) -> int:
+        """Milliseconds until the next timer (the poll timeout)."""
+        deadlines = [self._next_sweep]
+        if self.ledger.has_dirty_hits():
+            deadlines.append(self._next_flush)
+        waiter = self.ledger.next_waiter_deadline()
+        if waiter is not None:
+            deadlines.append(waiter)
+        return max(0, (min(deadlines) - self.clock() + 999_999) // 1_000_000)
+
+    # ------------------------------------------------------------ the loop
+    def send_outbox(self, sock: zmq.Socket[bytes]) -> None:
+        while self.outbox:
+            ident, msg, pin_ref = self.outbox.popleft()
+            try:
+                sock.send_multipart([ident, *encode(msg)], flags=zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                # the caller is gone (timed out, died): give back what the reply carried
+                log.info("event=reply_unroutable reason=%s", exc)
+                if pin_ref is not None:
+                    self.ledger.checkin(pin_ref)
+
+    def serve(self, sock: zmq.Socket[bytes], link: lifecycle.ControlLink, wake_fd: int) -> int:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(link.socket, zmq.POLLIN)
+        poller.register(wake_fd, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll(self.timeout_ms()))
+            if events.get(wake_fd):
+                _drain_fd(wake_fd)
+                if _stop_requested:
+                    log.info("event=stop reason=signal")
+                    return 0
+            if events.get(link.socket):
+                while link.socket.poll(0):
+                    ctl = link.handle(link.socket.recv_multipart())
+                    if isinstance(ctl, Stop):
+                        log.info("event=stop reason=control")
+                        return 0
+                    if isinstance(ctl, HoldersDied):
+                        self.holders_died(list(ctl.holders))
+                    elif ctl is not None:
+                        log.warning("unexpected control message %s", type(ctl).__name__)
+            if events.get(sock):
+                for _ in range(RECV_BATCH):
+                    try:
+                        frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.handle(frames)
+                    self.send_outbox(sock)
+            self.tick()
+            self.send_outbox(sock)
+
+
+_BAD_CODES = frozenset(
+    {ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE, ErrorCode.MALFORMED, ErrorCode.INVALID_TOKEN}
+)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("event=unlink_failed path=%s reason=%s", path, exc)
+
+
+# ---------------------------------------------------------------- signals
+_stop_requested = False
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    global _stop_requested
+    _stop_requested = True
+
+
+def _drain_fd(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def main(run_dir: str, child_id: str) -> int:
+    """Entry point of the meta child (``python -m erllama.cache RUN_DIR CHILD_ID``)."""
+    lifecycle.set_parent_death_signal()
+    logs.setup("meta", child_id)
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    link = lifecycle.ControlLink(ctx, run_dir, "meta", child_id)
+    sock: zmq.Socket[bytes] | None = None
+    sock_path = os.path.join(run_dir, META_SOCK)
+    sock_ino: int | None = None
+    try:
+        init = link.handshake()
+        try:
+            cfg = msgspec.convert(init.config["cache"], CacheConfig)
+            layout = TierLayout(cfg.tiers, str(init.config["daemon_id"]))
+            layout.ensure()
+        except (KeyError, TypeError, ValueError, OSError, msgspec.ValidationError) as exc:
+            log.error("event=start_failed reason=%s", exc)
+            link.start_failed(ErrorCode.BAD_REQUEST, f"bad meta config: {exc}")
+            return 0
+        sock = make_socket(ctx, zmq.ROUTER, bind=ipc_endpoint(run_dir, META_SOCK))
+        sock_ino = os.stat(sock_path).st_ino
+        server = MetaServer(cfg, layout)
+        rows = server.scan()
+        link.ready({"rows": rows, "pid": os.getpid()})
+        log.info("event=ready rows=%d tiers=%s", rows, ",".join(layout.tiers))
+        code = server.serve(sock, link, r)
+        server.shutdown()
+        server.send_outbox(sock)
+        return code
+    except (ErllamaError, KvcError) as exc:
+        log.error("event=meta_failed reason=%s", exc)
+        return 1
+    finally:
+        signal.set_wakeup_fd(-1)
+        os.close(r)
+        os.close(w)
+        if sock is not None:
+            sock.close(linger=100)
+        link.close()
+        ctx.term()
+        _remove_socket_file(sock_path, sock_ino)
+
+
+def _remove_socket_file(path: str, ino: int | None) -> None:
+    """libzmq (4.3.5) leaves a bound ipc file behind; remove ours, never a successor's."""
+    if ino is None:
+        return
+    try:
+        if os.stat(path).st_ino == ino:
+            os.unlink(path)
+    except OSError:
+        pass
