@@ -71,10 +71,18 @@ def make_socket(
     identity: bytes | None = None,
     linger_ms: int = LINGER_MS,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    hwm: int = 0,
 ) -> zmq.Socket[bytes]:
-    """Create a socket with our options, then bind or connect it."""
+    """Create a socket with our options, then bind or connect it.
+
+    ``hwm`` 0 (the default) means no high-water mark: a reply is never dropped
+    or refused because a queue is full (a dropped ``done`` would hang its
+    client). Every stream is bounded by its request's ``response_tokens``.
+    """
     sock = ctx.socket(sock_type)
     sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)
