@@ -97,7 +97,11 @@ TAG_DETAIL = 0x07
 TAG_TOKEN_COUNT = 0x08
 TAG_TOKENS = 0x09
 TAG_STATE_FORMAT = 0x80
-_KNOWN_TAGS = frozenset(range(TAG_FINGERPRINT, TAG_TOKENS + 1)) | {TAG_STATE_FORMAT}
+TAG_LOGITS_TAIL = 0x81
+_KNOWN_TAGS = frozenset(range(TAG_FINGERPRINT, TAG_TOKENS + 1)) | {
+    TAG_STATE_FORMAT,
+    TAG_LOGITS_TAIL,
+}
 
 Buffer = bytes | bytearray | memoryview | mmap.mmap
 
@@ -134,6 +138,7 @@ class KvcMeta(msgspec.Struct):
     last_used_time: int = 0  # Unix seconds
     hit_count: int = 0
     state_format: bytes = b""  # TLV 0x80, e.g. b"llama.cpp-seq-v1"
+    logits_tail: int = 0  # TLV 0x81: the payload ends with this many bytes of f32 logits
 
     @property
     def n_tokens(self) -> int:
@@ -199,6 +204,7 @@ def _check_meta(meta: KvcMeta) -> None:
     _check_range("creation_time", meta.creation_time, _U64_MAX)
     _check_range("last_used_time", meta.last_used_time, _U64_MAX)
     _check_range("token count", len(meta.tokens) // 4, _U32_MAX)
+    _check_range("logits_tail", meta.logits_tail, _U32_MAX)
 
 
 def build_prefix(meta: KvcMeta, payload: Buffer) -> bytes:
@@ -229,6 +235,8 @@ def build_prefix(meta: KvcMeta, payload: Buffer) -> bytes:
     ):
         if value:
             records.append(_tlv(tag, bytes(value)))
+    if meta.logits_tail:
+        records.append(_tlv(TAG_LOGITS_TAIL, _U32.pack(meta.logits_tail)))
     tlv = b"".join(records)
     prompt = b""
     payload_offset = FIXED_BYTES + 4 + len(prompt) + 4 + len(tlv)
@@ -366,7 +374,15 @@ def _meta_from(fields: tuple[int, ...], tlv: dict[int, bytes]) -> KvcMeta:
         last_used_time=fields[10],
         hit_count=fields[6],
         state_format=tlv.get(TAG_STATE_FORMAT, b""),
+        logits_tail=_logits_tail(tlv.get(TAG_LOGITS_TAIL)),
     )
+
+
+def _logits_tail(value: bytes | None) -> int:
+    # a wrong-size value is skipped (REFERENCE §4): the row is then served without logits
+    if value is None or len(value) != 4:
+        return 0
+    return int(_U32.unpack(value)[0])
 
 
 def parse_metadata(buf: Buffer, file_size: int) -> ParsedKvc:
@@ -405,6 +421,8 @@ def parse_metadata(buf: Buffer, file_size: int) -> ParsedKvc:
     if file_size != payload_offset + payload_length:
         raise KvcError("trailing_bytes", f"file {file_size} > {payload_offset} + {payload_length}")
     meta = _meta_from(fields, tlv)
+    if meta.logits_tail > payload_length or meta.logits_tail % 4:
+        raise KvcError("malformed", f"logits tail {meta.logits_tail} of a {payload_length} payload")
     return ParsedKvc(
         meta=meta,
         payload_offset=payload_offset,

@@ -63,6 +63,11 @@ class LoadedState(Protocol):
     @property
     def payload(self) -> bytes | memoryview: ...
 
+    @property
+    def logits(self) -> bytes | None:
+        """Logits stored after the row's last token (None: the row has none)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -113,19 +118,25 @@ class WorkerCache(Protocol):
 
 
 class _Loaded:
-    """``LoadedState`` over a ``tiers.LoadedRow``."""
+    """``LoadedState`` over a ``tiers.LoadedRow``: the state bytes and the stored logits."""
 
-    __slots__ = ("_row", "tokens")
+    __slots__ = ("_row", "_state", "logits", "tokens")
 
     def __init__(self, row: LoadedRow) -> None:
         self._row = row
         self.tokens = unpack_tokens(row.meta.tokens)
+        tail = row.meta.logits_tail
+        whole = row.payload
+        self._state = whole[: whole.nbytes - tail] if tail else whole
+        self.logits: bytes | None = bytes(whole[whole.nbytes - tail :]) if tail else None
 
     @property
     def payload(self) -> memoryview:
-        return self._row.payload
+        return self._state
 
     def close(self) -> None:
+        if self._state is not self._row.payload:
+            self._state.release()
         try:
             self._row.close()
         except BufferError:  # a backend kept a view of the payload: the map goes with it

@@ -418,16 +418,23 @@ class Engine:
         self.push_status()
         prompt = req.prompt
         chunk = max(1, self.policy.prefill_chunk_size or len(prompt))
+        n_batch = max(chunk, self.backend.info.n_batch)
         rungs = self.saves.ladder(req, start)
         pos = start
         while pos < len(prompt):
-            end = min(len(prompt), pos + chunk)
-            if rungs and rungs[0] < end:
-                end = rungs[0]
+            limit = rungs[0] if rungs else len(prompt)
+            end = min(limit, pos + chunk)
+            if 0 < limit - end < chunk and limit - pos <= n_batch:
+                # never leave a small tail batch: logits depend on the batch shape on CPU
+                # (batches under ~100 tokens take another kernel path), so the cold and
+                # the warm paths stay bit-identical when every batch is a large one
+                end = limit
             self.backend.prefill(0, prompt[pos:end], pos)
             self.kv.extend(prompt[pos:end])
             self.tokens_total += end - pos
             pos = end
+            if pos == len(prompt):
+                self.kv.remember_logits(pos, self.backend.logits_snapshot())
             if rungs and rungs[0] == pos:
                 rungs.pop(0)
                 self.saves.save_gated(req, SaveReason.COLD)
@@ -438,7 +445,11 @@ class Engine:
     def _generate(self, req: Request, sampler: Sampler) -> None:
         text = TextStream(req.stop_sequences)
         while True:
-            tok = sampler.sample()
+            if req.first_logits is not None:
+                tok = self.backend.sample_from_logits(sampler, req.first_logits)
+                req.first_logits = None
+            else:
+                tok = sampler.sample()
             self.backend.decode_one(0, tok, len(self.kv.tokens))
             self.kv.append(tok)
             req.generated.append(tok)

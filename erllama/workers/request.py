@@ -65,6 +65,7 @@ class Request:
     created: int = 0  # cache_delta.created
     last_save_at: int = 0  # what of the live context is already cached (D15)
     counters: Counter[str] = field(default_factory=Counter)
+    first_logits: bytes | None = None  # stored logits of the prompt's end: sample, don't re-decode
     _seq: int = 0
 
     @property

@@ -52,6 +52,7 @@ BYTE_OFFSET = 3
 MIN_VOCAB = 256 + BYTE_OFFSET
 EOS_TRIGGER = b"<eos>"
 STATE_MAGIC = b"ERLSTUB1"
+LOGITS_MAGIC = b"ERLLOGT1"
 STATE_FORMAT = b"stub-v1"
 _PRINTABLE_FIRST = 0x20
 _PRINTABLE_COUNT = 95  # 0x20 .. 0x7e
@@ -80,6 +81,9 @@ class StubSampler:
 
     def sample(self) -> int:
         return self._backend.next_token(self._seq, self._salt)
+
+    def sample_tokens(self, tokens: list[int]) -> int:
+        return self._backend.predict(tokens, self._salt)
 
     def close(self) -> None:
         pass
@@ -134,6 +138,7 @@ class StubBackend:
         self._trigger = [b + BYTE_OFFSET for b in eos_trigger]
         self._seqs = [_Seq() for _ in range(n_seq_max)]
         self._decodes = 0  # generation decodes so far (the fault counters)
+        self._last_decoded = 0
 
     # ------------------------------------------------------------ tokenizer (pure)
     def tokenize(
@@ -204,6 +209,7 @@ class StubBackend:
             self._stop.wait(self._opts.prefill_delay_ms_per_token * len(tokens) / 1000.0)
         s.tokens.extend(tokens)
         s.has_logits = True
+        self._last_decoded = seq
 
     def decode_one(self, seq: int, token: int, pos: int) -> None:
         s = self._seq(seq)
@@ -214,6 +220,7 @@ class StubBackend:
             self._stop.wait(self._opts.token_delay_ms / 1000.0)
         s.tokens.append(token)
         s.has_logits = True
+        self._last_decoded = seq
         self._decodes += 1
 
     def _fault_point(self) -> None:
@@ -238,8 +245,11 @@ class StubBackend:
         s = self._seq(seq)
         if not s.has_logits:
             raise RuntimeError("no logits: the last position was not decoded")
-        toks = s.tokens
-        if self._trigger and toks[-len(self._trigger) :] == self._trigger:
+        return self.predict(s.tokens, salt)
+
+    def predict(self, toks: Sequence[int], salt: bytes = b"") -> int:
+        """The next token after ``toks`` (what the "logits" of their last position say)."""
+        if self._trigger and list(toks[-len(self._trigger) :]) == self._trigger:
             return EOS
         h = hashlib.sha256(salt)
         h.update(pack_tokens(toks))
@@ -253,6 +263,24 @@ class StubBackend:
                 raise InvalidRequestError("grammar must not be empty", code=ErrorCode.BADARG)
             raise NotSupportedError("the stub backend has no grammar support")
         return StubSampler(self, seq, opts)
+
+    def logits_snapshot(self) -> bytes:
+        """The stub's "logits": the token list of the last decoded sequence, tagged.
+
+        Sampling from them predicts exactly what decoding that sequence would, so
+        logits stored at the wrong position give a different continuation.
+        """
+        s = self._seq(self._last_decoded)
+        if not s.has_logits:
+            raise RuntimeError("no logits: the last position was not decoded")
+        return LOGITS_MAGIC + pack_tokens(s.tokens)
+
+    def sample_from_logits(self, sampler: StubSampler, logits: bytes | memoryview) -> int:
+        data = bytes(logits)
+        if not data.startswith(LOGITS_MAGIC) or (len(data) - len(LOGITS_MAGIC)) % 4:
+            raise ValueError("not stub logits")
+        toks = list(struct.unpack_from(f"<{(len(data) - 8) // 4}I", data, len(LOGITS_MAGIC)))
+        return sampler.sample_tokens(toks)
 
     # ------------------------------------------------------------ state
     def state_snapshot(self, seq: int) -> bytes:

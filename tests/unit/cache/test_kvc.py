@@ -426,3 +426,29 @@ def test_flipped_prefix_byte_is_detected(pos: int, mask: int) -> None:
         return  # the flip erased the header CRC: an upstream-style file
     with pytest.raises(KvcError):
         parse_metadata(bytes(buf), len(buf))
+
+
+def test_logits_tail_round_trip_and_bounds() -> None:
+    from erllama.cache.kvc import KvcError, KvcMeta, SaveReason, build_prefix, validate_full
+
+    meta = KvcMeta(
+        save_reason=SaveReason.FINISH,
+        quant_bits=4,
+        context_size=4096,
+        fingerprint=b"\x01" * 32,
+        fingerprint_mode=0,
+        quant=7,
+        ctx_hash=b"\x02" * 32,
+        tokens=b"\x05\x00\x00\x00" * 3,
+        logits_tail=8,
+    )
+    payload = b"state-bytes" + b"\x00\x00\x80\x3f" * 2
+    blob = build_prefix(meta, payload) + payload
+    parsed, view = validate_full(blob, meta.key())
+    assert parsed.meta.logits_tail == 8
+    assert bytes(view[-8:]) == b"\x00\x00\x80\x3f" * 2
+    bad = KvcMeta(**{**{f: getattr(meta, f) for f in meta.__struct_fields__}, "logits_tail": 64})
+    blob = build_prefix(bad, payload) + payload
+    with pytest.raises(KvcError) as ei:
+        validate_full(blob, bad.key())
+    assert ei.value.code == "malformed"

@@ -35,6 +35,7 @@ from erllama.workers.stub import StubBackend
 class FakeLoaded:
     tokens: list[int]
     payload: bytes
+    logits: bytes | None = None
     closed: bool = False
 
     def close(self) -> None:
@@ -54,6 +55,7 @@ class FakeCache:
     meta_down: bool = False
     refuse_saves: bool = False
     checkouts: list[tuple[str, bytes | None]] = field(default_factory=list)
+    tails: dict[bytes, int] = field(default_factory=dict)
 
     def _cand(self, key: bytes, match: int | None = None) -> Candidate:
         toks = self.rows[key][0]
@@ -86,6 +88,9 @@ class FakeCache:
             self.reported.append(cand.key)
             return None
         toks, payload = self.rows[cand.key]
+        tail = self.tails.get(cand.key, 0)
+        if tail:
+            return FakeLoaded(list(toks), payload[:-tail], payload[-tail:])
         return FakeLoaded(list(toks), payload)
 
     def report_corrupt(self, key: bytes, reason: str) -> None:
@@ -114,6 +119,7 @@ class FakeCache:
             job.status = "already_present"
         else:
             self.rows[job.key] = (unpack_tokens(job.meta.tokens), bytes(job.payload))
+            self.tails[job.key] = job.meta.logits_tail
             job.status = "fired"
         job.done.set()
         return SubmitResult(True)

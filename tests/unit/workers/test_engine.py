@@ -559,3 +559,63 @@ def test_policy_fixture_is_valid() -> None:
 
     validate_policy(SMALL_POLICY)
     assert isinstance(SMALL_POLICY, PolicyConfig)
+
+
+def _count_prefills(h: Harness) -> list[tuple[int, int]]:
+    calls: list[tuple[int, int]] = []
+    real = h.backend.prefill
+
+    def counting(seq: int, tokens: Any, start_pos: int) -> None:
+        calls.append((start_pos, len(tokens)))
+        real(seq, tokens, start_pos)
+
+    h.backend.prefill = counting  # type: ignore[method-assign]
+    return calls
+
+
+def test_exact_hit_samples_from_stored_logits_without_a_primer() -> None:
+    cache = FakeCache()
+    h1 = Harness(cache)
+    h1.complete("r1", P48)
+    h1.run()
+    cold = h1.result("r1")
+    # every save taken right after a decode carries the logits of its last position
+    assert all(j.meta.logits_tail > 0 for j in cache.saves)
+    h2 = Harness(cache)
+    calls = _count_prefills(h2)
+    h2.complete("r2", P48)
+    h2.run()
+    warm = h2.result("r2")
+    assert warm.cache_hit_kind == "exact" and warm.generated == cold.generated
+    assert calls == []  # nothing re-decoded: the first token came from the stored logits
+    # the same prompt once more hits the live KV, again without a primer
+    h2.complete("r3", P48)
+    h2.run()
+    assert h2.result("r3").generated == cold.generated
+    assert calls == []
+
+
+def test_rows_without_logits_still_use_the_primer() -> None:
+    cache = FakeCache()
+    h1 = Harness(cache)
+    h1.complete("r1", P48)
+    h1.run()
+    cold = h1.result("r1")
+    cache.tails.clear()
+    for key, (toks, payload) in list(cache.rows.items()):
+        job = next(j for j in cache.saves if j.key == key)
+        cache.rows[key] = (toks, payload[: len(payload) - job.meta.logits_tail])
+    h2 = Harness(cache)
+    calls = _count_prefills(h2)
+    h2.complete("r2", P48)
+    h2.run()
+    assert h2.result("r2").generated == cold.generated
+    assert calls == [(47, 1)]  # the primer: the last prompt token decoded again
+
+
+def test_prefill_never_leaves_a_small_tail_batch() -> None:
+    h = Harness(policy=msgspec.structs.replace(SMALL_POLICY, saves_enabled=False))
+    calls = _count_prefills(h)
+    h.complete("r1", "x" * 36)  # 37 tokens with BOS, chunk 8: 8,8,8,13 (not 8,8,8,8,5)
+    h.run()
+    assert [n for _, n in calls] == [8, 8, 8, 13]
