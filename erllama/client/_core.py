@@ -68,6 +68,7 @@ from erllama.protocol.messages import (
     ModelInfo,
     ModelStatus,
     Msg,
+    PrefillResult,
     QueueDepth,
     Reply,
     RequestOptions,
@@ -547,6 +548,18 @@ class ClientCore:
             tokens=_pack(tokens),
             options=build_options(params),
         )
+
+    def prefill_only(
+        self, model: str, tokens: Sequence[int], opts: Mapping[str, Any]
+    ) -> Call[PrefillResult]:
+        msg = Complete(
+            request_id=new_request_id(),
+            model=_check_str("model", model),
+            mode="prefill",
+            tokens=_pack(tokens),
+            options=build_options(opts),
+        )
+        return Call(msg, _parser(PrefillResult), cancellable=True)
 
     def cancel(self, request_id: str) -> Call[None]:
         return Call(self.cancel_msg(_check_str("request_id", request_id)), _ignore)

@@ -55,7 +55,7 @@ from erllama.protocol.errors import (
     InternalError,
     RequestTimeoutError,
 )
-from erllama.protocol.messages import CacheHit, DaemonStatus, ModelInfo, Msg
+from erllama.protocol.messages import CacheHit, DaemonStatus, ModelInfo, Msg, PrefillResult
 
 log = logging.getLogger(__name__)
 
@@ -524,6 +524,24 @@ class AsyncClient:
             RequestTimeoutError: ``Timeout.request`` passed (the request is cancelled).
         """
         return await self._call(self._core.complete(model, prompt, opts))
+
+    async def prefill_only(self, model: str, tokens: Sequence[int], **opts: Any) -> PrefillResult:
+        """Prefill ``tokens`` and fire the finish save, with no sampling (``prefill_only``).
+
+        Args:
+            model: the model id.
+            tokens: the prompt tokens.
+            **opts: ``parent_key`` and ``session_id`` (other request options are ignored).
+
+        Returns:
+            The ``PrefillResult``: ``finish_key`` (None when the save was gated out),
+            ``context_tokens``, ``committed_tokens``, ``cache_hit_kind``, ``cache_delta``.
+
+        Raises:
+            InvalidRequestError: ``empty_prefix``, ``invalid_token``, ``context_overflow``.
+            UnknownModelError: the model is not loaded.
+        """
+        return await self._call(self._core.prefill_only(model, tokens, opts))
 
     async def stream(self, model: str, prompt: str, **opts: Any) -> AsyncStream:
         """Generate a completion as a stream of events.

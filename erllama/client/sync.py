@@ -44,7 +44,7 @@ from erllama.client._core import (
     remaining_ms,
 )
 from erllama.protocol.errors import DaemonUnavailableError, ErllamaError, RequestTimeoutError
-from erllama.protocol.messages import CacheHit, DaemonStatus, ModelInfo, Msg
+from erllama.protocol.messages import CacheHit, DaemonStatus, ModelInfo, Msg, PrefillResult
 
 log = logging.getLogger(__name__)
 
@@ -465,6 +465,24 @@ class Client:
             RequestTimeoutError: ``Timeout.request`` passed (the request is cancelled).
         """
         return self._call(self._core.complete(model, prompt, opts))
+
+    def prefill_only(self, model: str, tokens: Sequence[int], **opts: Any) -> PrefillResult:
+        """Prefill ``tokens`` and fire the finish save, with no sampling (``prefill_only``).
+
+        Args:
+            model: the model id.
+            tokens: the prompt tokens.
+            **opts: ``parent_key`` and ``session_id`` (other request options are ignored).
+
+        Returns:
+            The ``PrefillResult``: ``finish_key`` (None when the save was gated out),
+            ``context_tokens``, ``committed_tokens``, ``cache_hit_kind``, ``cache_delta``.
+
+        Raises:
+            InvalidRequestError: ``empty_prefix``, ``invalid_token``, ``context_overflow``.
+            UnknownModelError: the model is not loaded.
+        """
+        return self._call(self._core.prefill_only(model, tokens, opts))
 
     def stream(self, model: str, prompt: str, **opts: Any) -> Stream:
         """Generate a completion as a stream of events.

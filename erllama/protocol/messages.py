@@ -196,10 +196,14 @@ class GetModelInfo(Msg, frozen=True, tag="model_info"):
 
 
 class Complete(Msg, frozen=True, tag="complete"):
-    """``complete`` (mode complete), ``stream`` (text -> events), ``infer`` (tokens -> events)."""
+    """``complete`` (mode complete), ``stream`` (text -> events), ``infer`` (tokens -> events).
+
+    Mode ``prefill`` is ``prefill_only``: prefill, fire the finish save, no sampling;
+    the reply carries a ``PrefillResult``.
+    """
 
     model: Id
-    mode: Literal["complete", "stream", "infer"] = "complete"
+    mode: Literal["complete", "stream", "infer", "prefill"] = "complete"
     prompt: Text | None = None
     tokens: TokenBytes | None = None
     options: RequestOptions = RequestOptions()

@@ -63,6 +63,7 @@ from erllama.protocol.messages import (
     ModelStatus,
     Msg,
     Phase,
+    PrefillResult,
     Reply,
     ShutdownModel,
     TokenEvent,
@@ -382,7 +383,7 @@ class Engine:
             self._set_phase("prefilling")
             self._prefill(req)
             req.prefill_done_at = self._clock()
-            if not req.cancelled:
+            if not req.cancelled and req.mode != "prefill":
                 self._set_phase("generating")
                 self._generate(req, sampler)
             self._finish(req)
@@ -501,6 +502,18 @@ class Engine:
         if req.streaming:
             done = DoneEvent(request_id=req.request_id, seq=req.next_seq(), stats=stats)
             self._emit(req.client_id, done)
+            return
+        if req.mode == "prefill":
+            prefill = PrefillResult(
+                context_tokens=pack_tokens(context),
+                committed_tokens=len(context),
+                finish_key=finish_key,
+                cache_hit_kind=req.kind,
+                cache_delta=stats.cache_delta,
+            )
+            self._emit(
+                req.client_id, Reply(request_id=req.request_id, result=encode_result(prefill))
+            )
             return
         text = cut_at_stop(self.backend.detokenize(req.generated), req.stop_sequence)
         result = build_result(req, stats, text, context)

@@ -70,7 +70,7 @@ class Request:
 
     @property
     def streaming(self) -> bool:
-        return self.mode != "complete"
+        return self.mode in ("stream", "infer")
 
     def next_seq(self) -> int:
         """The ``seq`` of the next stream event."""

@@ -65,6 +65,7 @@ OPERATIONS = {
     "complete",
     "stream",
     "infer",
+    "prefill_only",
     "cancel",
     "tokenize",
     "detokenize",

@@ -619,3 +619,28 @@ def test_prefill_never_leaves_a_small_tail_batch() -> None:
     h.complete("r1", "x" * 36)  # 37 tokens with BOS, chunk 8: 8,8,8,13 (not 8,8,8,8,5)
     h.run()
     assert [n for _, n in calls] == [8, 8, 8, 13]
+
+
+def test_prefill_only_then_parent_key_resume() -> None:
+    from erllama.protocol.messages import PrefillResult
+
+    cache = FakeCache()
+    h = Harness(cache)
+    prompt = h.backend.tokenize(P48)
+    h.complete("p1", prompt, mode="prefill")
+    h.run()
+    msgs = h.for_request("p1")
+    assert len(msgs) == 1 and isinstance(msgs[0], Reply)
+    pre = decode_result(msgs[0].result, PrefillResult)
+    assert unpack_tokens(pre.context_tokens) == prompt and pre.committed_tokens == len(prompt)
+    assert pre.finish_key is not None and pre.cache_hit_kind == "cold"
+    assert pre.finish_key == h.cache.saves[-1].key  # the 48-token rung already holds it
+    follow = P48 + " and then some more text"
+    gen, _ = reference(follow)
+    h2 = Harness(cache)  # another worker: only the cache can help
+    h2.complete("c1", follow, parent_key=pre.finish_key)
+    h2.run()
+    r = h2.result("c1")
+    assert r.cache_hit_kind == "partial" and r.cache_delta.read == len(prompt)
+    assert unpack_tokens(r.generated) == gen
+    assert cache.counters["hits_resume"] == 1
