@@ -434,11 +434,16 @@ class Engine:
             self.kv.extend(prompt[pos:end])
             self.tokens_total += end - pos
             pos = end
-            if pos == len(prompt):
-                self.kv.remember_logits(pos, self.backend.logits_snapshot())
-            if rungs and rungs[0] == pos:
+            at_rung = bool(rungs) and rungs[0] == pos
+            if at_rung:
                 rungs.pop(0)
                 self.saves.save_gated(req, SaveReason.COLD)
+            if pos == len(prompt):
+                self.kv.remember_logits(pos, self.backend.logits_snapshot())
+                if not at_rung and self.saves.prompt_end_due(req, start):
+                    # the prompt's own row, with its logits: the same prompt again is an
+                    # exact hit that samples at once (bit-exact with this cold run)
+                    self.saves.save_gated(req, SaveReason.COLD)
             self._poll()
             if req.cancelled:
                 return

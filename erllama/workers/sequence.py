@@ -318,6 +318,12 @@ class SeqCache:
         self.kv.clear()
 
     # ================================================================ saves
+    def prompt_end_due(self, req: Request, start: int) -> bool:
+        """Save the row of exactly the prompt when it cost a real prefill (>= min_tokens)."""
+        p = self.policy
+        n = len(req.prompt)
+        return p.saves_enabled and n - start >= p.min_tokens and req.last_save_at < n
+
     def continued_due(self, req: Request) -> bool:
         live = len(self.kv.tokens)
         return continued_frontier(live, req.last_save_at, self.policy) == live

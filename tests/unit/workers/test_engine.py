@@ -383,6 +383,7 @@ def test_continued_saves_at_absolute_frontiers() -> None:
     lengths = [(j.meta.save_reason, len(unpack_tokens(j.meta.tokens))) for j in h.cache.saves]
     assert lengths == [
         (SaveReason.COLD, 16),
+        (SaveReason.COLD, 20),  # the prompt's own row (with its logits)
         (SaveReason.CONTINUED, 32),
         (SaveReason.CONTINUED, 48),
         (SaveReason.FINISH, 60),
