@@ -31,6 +31,10 @@ class BackendInfo(msgspec.Struct, frozen=True, kw_only=True):
     model_size_bytes: int = 0
     n_gpu_layers: int = 0
     has_chat_template: bool = False
+    # A partial reuse keeps whole blocks of this many tokens (1: any length). On CPU the
+    # rows at the end of a ragged llama.cpp batch take the kernel's remainder path, so the
+    # llama backend re-prefills up to 31 reused tokens to stay bit-identical with cold runs.
+    reuse_align: int = 1
 
 
 class SamplerOptions(msgspec.Struct, frozen=True, kw_only=True):

@@ -124,6 +124,24 @@ class CancelSet:
             self._items.discard((client_id, request_id))
 
 
+def batch_safe_rungs(rungs: list[int], start: int, end: int, chunk: int) -> list[int]:
+    """The ladder rungs a prefill of ``[start, end)`` can stop at without a small batch.
+
+    On CPU the logits of a position depend on the batch shape: batches under ~100
+    tokens take another kernel path. A rung is kept only if the stretch before it
+    and the rest after it are each at least one chunk, so the cold path and every
+    warm path compute the same numbers (a skipped rung is a save not taken, never
+    a wrong one).
+    """
+    out: list[int] = []
+    prev = start
+    for r in rungs:
+        if r - prev >= chunk and end - r >= chunk:
+            out.append(r)
+            prev = r
+    return out
+
+
 class FatalEngineError(Exception):
     """A request failed unexpectedly; the backend state cannot be trusted any more."""
 
@@ -420,7 +438,7 @@ class Engine:
         prompt = req.prompt
         chunk = max(1, self.policy.prefill_chunk_size or len(prompt))
         n_batch = max(chunk, self.backend.info.n_batch)
-        rungs = self.saves.ladder(req, start)
+        rungs = batch_safe_rungs(self.saves.ladder(req, start), start, len(prompt), chunk)
         pos = start
         while pos < len(prompt):
             limit = rungs[0] if rungs else len(prompt)

@@ -87,6 +87,13 @@ from erllama.workers.backend import BackendInfo, SamplerOptions
 
 log = logging.getLogger(__name__)
 
+# Measured on this CPU build: a position's logits depend on the batch shape. Batches under
+# ~100 tokens, and the last rows of a batch whose length is not a multiple of the kernel
+# tile, take other code paths. Every prefill chunk starts at a multiple of this (the cold
+# path starts at 0 with 128-token chunks), so a partial reuse truncated to it recomputes
+# exactly what a cold run computes (tests/model/test_daemon_model.py).
+REUSE_ALIGN_TOKENS = 32
+
 GGUF_MAGIC = b"GGUF"
 REPETITION_LAST_N = 64
 SEED_MAX = 0xFFFFFFFF
@@ -501,6 +508,7 @@ class LlamaBackend:
         bits = spec.quant_bits if spec.quant_bits is not None else quant_bits_for(quant)
         self.info = BackendInfo(
             backend="llama",
+            reuse_align=REUSE_ALIGN_TOKENS,
             n_ctx=self.n_ctx,
             n_vocab=self.n_vocab,
             n_batch=self.n_batch,

@@ -194,6 +194,10 @@ class SeqCache:
         prompt = req.prompt
         n = len(prompt)
         live = common_prefix(self.kv.tokens, prompt)
+        if live < min(n, MIN_PARTIAL_TOKENS):
+            # a few shared tokens (a BOS) are not worth keeping: their KV came from another
+            # prompt's batch, and a cold run must not depend on what ran before it
+            live = 0
         found: tuple[int, str] | None = None
         if live < n - 1:
             t0 = time.perf_counter_ns()
@@ -210,6 +214,11 @@ class SeqCache:
         else:
             common = 0
             req.counters["misses"] += 1
+        align = self.backend.info.reuse_align
+        if 0 < common < n and common % align:
+            # keep only whole blocks (BackendInfo.reuse_align): the rows at the end of a
+            # ragged batch took the kernel's remainder path; re-prefill them with the rest
+            common -= common % align
         req.read = common
         if sticky:
             req.kind = "sticky"
