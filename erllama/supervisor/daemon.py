@@ -1,0 +1,499 @@
+"""The root supervisor: starts, watches and restarts the children; serves load/unload.
+
+``serve(config)`` is ``erllama serve`` and ``python -m erllama.supervisor``.
+The root never runs model code and never parses client payloads other than the
+two tree operations (``LoadModel``, ``Unload``) the router forwards to it.
+
+Data flow::
+
+                   SIGTERM / SIGINT (handler only enqueues; set_wakeup_fd)
+                                  |
+                                  v
+   child sentinels -------> +------------+ <---- control.sock (ROUTER, bound here)
+   (an fd becomes readable  | zmq.Poller |        children: Hello, Ready, StartFailed, Pong
+    when a child exits)     | one loop;  |        router:   [router, client, ERL1, LoadModel|Unload]
+                            | timeout =  |
+                            | next timer | ----> control.sock
+                            +------------+        children: Init, Ping, Stop
+                              |        |          router:   ModelStateChanged, WorkerExited,
+                              |        |                    [router, client, ERL1, reply]
+                              |        |          meta:     HoldersDied
+                              v        v
+              tree.RestartTracker    events.sock (PUB, bound here):
+              restart / backoff /    spawn, ready, exit, restart, backoff, failed, stop
+              failed decisions
+
+Timers (the poll timeout is the nearest): a child's ready deadline, its next
+Ping, its stop stage (drain -> SIGTERM -> SIGKILL), a backoff before a restart.
+
+Sockets: binds ``control.sock`` (ROUTER; identities are child ids) and
+``events.sock`` (PUB). Connects nothing. Children bind ``meta.sock`` (meta),
+``client.sock`` and ``workers.sock`` (router).
+
+Start: meta, then router, then the scheduler (if enabled and installed), then
+one worker per configured model; each child counts as started at ``Ready``.
+The ``ready`` event of ``child="root"`` is published once every configured
+model is ready or failed.
+
+Stop (SIGTERM/SIGINT): workers first (``Stop(drain)``, shutdown saves), then
+scheduler, router, meta; each child gets ``Stop``, then SIGTERM after
+``drain_timeout_s``, then SIGKILL of its process group after
+``term_timeout_s``, all clipped to one shared monotonic deadline. Socket
+files, the pid file and the ram tier dir are removed; the exit code is 0.
+A core child (meta, router, scheduler) that cannot start, or restarts more
+than ``supervisor.max_restarts`` times within ``within_s``, stops the daemon
+with exit code 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import zmq
+
+from erllama.config import Config, ConfigError, RestartPolicy, resolve_run_dir
+from erllama.protocol.sockets import CLIENT_SOCK, EVENTS_SOCK, ensure_private_dir, ipc_endpoint
+from erllama.supervisor import rundir
+from erllama.supervisor.child import ChildProcess, describe_exit
+from erllama.supervisor.control import ControlServer
+from erllama.supervisor.events import EventPublisher
+from erllama.supervisor.slot import INF, Slot
+from erllama.supervisor.tree import ChildSpec, ChildState, IntensityWindow, RestartTracker
+from erllama.supervisor.wakeup import SignalWakeup
+
+log = logging.getLogger(__name__)
+
+MODULES: dict[str, str] = {
+    "meta": "erllama.cache.meta",
+    "router": "erllama.router.router",
+    "scheduler": "erllama.scheduler.scheduler",
+    "worker": "erllama.workers.worker",
+}
+# Core children restart fast; the root's own intensity (SupervisorConfig) is their limit.
+CORE_POLICY = RestartPolicy(
+    restart="permanent",
+    max_restarts=1_000_000,
+    within_s=1.0,
+    backoff_initial_s=0.25,
+    backoff_max_s=5.0,
+    startsecs=1.0,
+)
+
+
+def serve(config: Config, *, modules: dict[str, str] | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT (or a fatal child failure); return the exit code.
+
+    Args:
+        config: the validated configuration.
+        modules: role -> module overrides (tests only).
+
+    Returns:
+        0 after a requested stop; 1 when a core child failed; 2 when the run
+        directory is held by another live daemon or is not usable.
+    """
+    run_dir = resolve_run_dir(config).absolute()
+    lock = rundir.RunDirLock(run_dir)
+    try:
+        ensure_private_dir(run_dir)
+        lock.acquire()
+    except rundir.RunDirBusyError as exc:
+        log.error("event=already_running run_dir=%s %s", run_dir, exc)
+        return 2
+    except OSError as exc:
+        log.error("event=bad_run_dir run_dir=%s %s", run_dir, exc)
+        return 2
+    daemon_id = rundir.daemon_id_for(run_dir)
+    endpoint = config.daemon.endpoint or ipc_endpoint(run_dir, CLIENT_SOCK)
+    extra_files = _endpoint_files(run_dir, endpoint)
+    ram_dir = (
+        rundir.ram_tier_dir(daemon_id) if any(t.name == "ram" for t in config.cache.tiers) else None
+    )
+    try:
+        stale = rundir.remove_socket_files(run_dir)
+        _remove_paths(extra_files)
+        if stale:
+            log.warning("removed stale socket files of a dead daemon: %s", ", ".join(stale))
+        if ram_dir is not None:
+            rundir.reset_ram_dir(ram_dir)
+        root = Root(config, run_dir, daemon_id, endpoint, modules=modules)
+        return root.run()
+    finally:
+        rundir.remove_socket_files(run_dir)
+        _remove_paths(extra_files)
+        if ram_dir is not None:
+            rundir.remove_ram_dir(ram_dir)
+        lock.release()
+
+
+def _endpoint_files(run_dir: Path, endpoint: str) -> list[Path]:
+    p = rundir.ipc_path(endpoint)
+    return [p] if p is not None and p.parent != run_dir else []
+
+
+def _remove_paths(paths: list[Path]) -> None:
+    for p in paths:
+        p.unlink(missing_ok=True)
+
+
+class Root:
+    """The root's loop and its children (one instance per ``serve``)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        daemon_id: str,
+        endpoint: str,
+        *,
+        modules: dict[str, str] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.sup = cfg.supervisor
+        self.run_dir = run_dir
+        self.daemon_id = daemon_id
+        self.endpoint = endpoint
+        self.modules = {**MODULES, **(modules or {})}
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.events = EventPublisher(self.ctx, ipc_endpoint(run_dir, EVENTS_SOCK))
+        self.slots: dict[str, Slot] = {}
+        self.control = ControlServer(self)
+        self.poller = zmq.Poller()
+        self.poller.register(self.control.socket, zmq.POLLIN)
+        self.root_window = IntensityWindow(self.sup.max_restarts, self.sup.within_s)
+        self.boot = "meta"
+        self.boot_workers: list[str] = []
+        self.exit_code: int | None = None
+        self.stop_groups: list[list[str]] = []
+        self.stop_overall = INF
+        self.wakeup = SignalWakeup()
+
+    # ================================================================ loop
+    def run(self) -> int:
+        if self.wakeup.install():
+            self.poller.register(self.wakeup.fd, zmq.POLLIN)
+        try:
+            self.spawn(self._core_slot("meta"), time.monotonic())
+            while not self._finished():
+                self._poll_once()
+            return self.exit_code if self.exit_code is not None else 1
+        except BaseException:
+            self._kill_all()  # clean up, then re-raise (KeyboardInterrupt included)
+            raise
+        finally:
+            if self.wakeup.fd is not None:
+                self.poller.unregister(self.wakeup.fd)
+            self.wakeup.restore()
+            self.control.close()
+            self.events.close()
+            self.ctx.term()
+
+    def _finished(self) -> bool:
+        return (
+            self.exit_code is not None
+            and not self.stop_groups
+            and not any(s.proc is not None for s in self.slots.values())
+        )
+
+    def _poll_once(self) -> None:
+        now = time.monotonic()
+        deadline = min((s.next_deadline() for s in self.slots.values()), default=INF)
+        timeout = None if deadline == INF else max(0, math.ceil((deadline - now) * 1000))
+        ready = dict(self.poller.poll(timeout))
+        if self.wakeup.fd is not None and self.wakeup.fd in ready:
+            for sig in self.wakeup.drain():
+                log.info("event=signal signal=%s", signal.Signals(sig).name)
+                self.shutdown(0, time.monotonic())
+        if self.control.socket in ready:
+            self.control.drain()
+        for slot in list(self.slots.values()):
+            if slot.proc is not None and slot.proc.sentinel in ready:
+                self.on_exit(slot)
+        self._tick(time.monotonic())
+
+    def _tick(self, now: float) -> None:
+        for slot in list(self.slots.values()):
+            if slot.proc is not None:
+                if slot.stop_stage:
+                    if now >= slot.stop_deadline:
+                        self._advance_stop(slot, now)
+                elif slot.phase in ("hello", "init_sent") and now >= slot.ready_deadline:
+                    self.kill(slot, f"no ready within {self.sup.ready_timeout_s:g}s")
+                elif slot.phase == "ready" and now >= slot.next_ping_at:
+                    self._heartbeat(slot, now)
+            elif self.exit_code is None and slot.tracker.restart_due(now):
+                self.events.publish("restart", slot.child_id, restarts=slot.tracker.restarts)
+                self.spawn(slot, now)
+
+    # ================================================================ children
+    def _core_slot(self, role: str) -> Slot:
+        spec = ChildSpec(role, role, self.modules[role], "permanent", CORE_POLICY)  # type: ignore[arg-type]
+        slot = Slot(spec=spec, tracker=RestartTracker(spec, fail_first_start=True))
+        self.slots[role] = slot
+        return slot
+
+    def spawn(self, slot: Slot, now: float) -> bool:
+        proc = ChildProcess(slot.spec, str(self.run_dir))
+        try:
+            proc.start()
+        except Exception as exc:  # e.g. EAGAIN/ENOMEM from fork
+            log.exception("event=spawn_failed child=%s", slot.child_id)
+            slot.tracker.on_spawn(now)
+            slot.tracker.on_exit(now, abnormal=True)
+            slot.last_exit = f"spawn failed: {exc}"
+            if not slot.is_worker:
+                self.shutdown(1, now)
+            return False
+        incarnation = slot.tracker.on_spawn(now)
+        slot.proc = proc
+        slot.phase = "hello"
+        slot.ready_deadline = now + self.sup.ready_timeout_s
+        self.poller.register(proc.sentinel, zmq.POLLIN)
+        self.events.publish("spawn", slot.child_id, proc.pid, incarnation=incarnation)
+        if slot.is_worker:
+            self.control.model_changed(slot, "restarting" if incarnation else "loading")
+        return True
+
+    def kill(self, slot: Slot, reason: str) -> None:
+        """Kill a live child that broke a rule (heartbeat, stall, ready timeout): a crash."""
+        if slot.proc is None or slot.phase == "killed":
+            return
+        log.warning("event=kill child=%s pid=%d reason=%s", slot.child_id, slot.proc.pid, reason)
+        slot.kill_reason = reason
+        slot.phase = "killed"
+        slot.proc.kill_group(signal.SIGKILL)
+
+    def _heartbeat(self, slot: Slot, now: float) -> None:
+        limit = self.sup.heartbeat_interval_s * self.sup.heartbeat_liveness
+        if now - slot.last_pong_at > limit:
+            self.kill(slot, f"no pong for {now - slot.last_pong_at:.1f}s (heartbeat)")
+            return
+        slot.ping_seq += 1
+        self.control.ping(slot)
+        slot.next_ping_at = now + self.sup.heartbeat_interval_s
+
+    def on_ready(self, slot: Slot, now: float) -> None:
+        slot.phase = "ready"
+        slot.tracker.on_ready(now)
+        slot.ready_deadline = INF
+        slot.last_pong_at = now
+        slot.progress_at = now
+        slot.next_ping_at = now + self.sup.heartbeat_interval_s
+        assert slot.proc is not None
+        if slot.is_worker:  # the router first: an observer of the event sees it ready
+            self.control.model_changed(slot, "ready")
+            for w in slot.load_waiters:
+                self.control.reply_ok(w, slot.model_id)
+            slot.load_waiters.clear()
+        self.events.publish(
+            "ready", slot.child_id, slot.proc.pid, incarnation=slot.tracker.incarnation
+        )
+        self._boot_advance(now)
+
+    def on_pong(self, slot: Slot, active: int, progress: int, now: float) -> None:
+        slot.last_pong_at = now
+        if active > 0 and progress == slot.progress:
+            if now - slot.progress_at > self.sup.stall_timeout_s:
+                self.kill(
+                    slot, f"no progress for {now - slot.progress_at:.1f}s with {active} active"
+                )
+        else:
+            slot.progress = progress
+            slot.progress_at = now
+
+    def on_exit(self, slot: Slot, *, reaped: bool = True) -> None:
+        now = time.monotonic()
+        proc = slot.proc
+        assert proc is not None
+        self.poller.unregister(proc.sentinel)
+        code = proc.reap() if reaped else -signal.SIGKILL
+        if slot.start_failed is not None:
+            reason = f"start_failed {slot.start_failed[0]}: {slot.start_failed[1]}"
+        elif slot.kill_reason is not None:
+            reason = f"killed: {slot.kill_reason}"
+        else:
+            reason = describe_exit(code)
+        abnormal = code != 0 or slot.kill_reason is not None or slot.start_failed is not None
+        fail_code = slot.start_failed[0] if slot.start_failed else "load_failed"
+        slot.last_exit = reason
+        slot.reset_process_state()
+        if slot.is_worker:
+            self.control.worker_exited(slot, reason)  # first: in-flight requests fail at once
+        if slot.child_id != "meta":
+            self.control.holders_died([f"{slot.child_id}:{proc.pid}"])
+        self.events.publish("exit", slot.child_id, proc.pid, code=code, reason=reason)
+        decision = slot.tracker.on_exit(now, abnormal=abnormal)
+        if decision.action == "restart":
+            if not slot.is_worker and not self.root_window.record(now):
+                log.error(
+                    "event=root_intensity_exceeded child=%s max_restarts=%d within_s=%g",
+                    slot.child_id, self.sup.max_restarts, self.sup.within_s,
+                )  # fmt: skip
+                self.shutdown(1, now)
+            else:
+                if slot.is_worker:  # the router before the event (observers see it)
+                    self.control.model_changed(slot, "restarting")
+                self.events.publish(
+                    "backoff", slot.child_id, delay_s=decision.delay_s, reason=reason
+                )
+        elif decision.action == "stopped":
+            if slot.is_worker:
+                self.remove_model(slot, "unloaded before it was ready")
+            self.events.publish("stop", slot.child_id, proc.pid, reason=decision.reason)
+        else:
+            if slot.is_worker:
+                for w in slot.load_waiters:
+                    self.control.reply_error(w, fail_code, reason)
+                slot.load_waiters.clear()
+                if slot.from_load and not slot.tracker.ever_ready:
+                    self.remove_model(slot, reason)
+                else:
+                    self.control.model_changed(slot, "failed")
+            self.events.publish(
+                "failed", slot.child_id, proc.pid, reason=reason, detail=decision.reason
+            )
+            if not slot.is_worker and self.exit_code is None:
+                log.error("event=core_failed child=%s reason=%s", slot.child_id, reason)
+                self.shutdown(1, now)
+        if self.exit_code is not None:
+            self._stop_progress(now)
+        else:
+            self._boot_advance(now)
+
+    def remove_model(self, slot: Slot, why: str) -> None:
+        """Forget a worker slot (unloaded, stopped, or a failed first load)."""
+        self.slots.pop(slot.child_id, None)
+        self.control.model_changed(slot, "unloaded")
+        for w in slot.load_waiters:
+            self.control.reply_error(w, "load_failed", why)
+        for w in slot.unload_waiters:
+            self.control.reply_ok(w, None)
+        slot.load_waiters.clear()
+        slot.unload_waiters.clear()
+
+    def _boot_advance(self, now: float) -> None:
+        ready = {cid for cid, s in self.slots.items() if s.phase == "ready"}
+        if self.exit_code is not None:
+            return
+        if self.boot == "meta" and "meta" in ready:
+            self.boot = "router"
+            self.spawn(self._core_slot("router"), now)
+        elif self.boot == "router" and "router" in ready:
+            if self._scheduler_wanted():
+                self.boot = "scheduler"
+                self.spawn(self._core_slot("scheduler"), now)
+            else:
+                self._boot_workers(now)
+        elif self.boot == "scheduler" and "scheduler" in ready:
+            self._boot_workers(now)
+        if self.boot == "workers" and all(
+            cid not in self.slots or self.slots[cid].tracker.state is not ChildState.STARTING
+            for cid in self.boot_workers
+        ):
+            self.boot = "up"
+            self.events.publish("ready", "root", None, models=len(self.boot_workers))
+
+    def _scheduler_wanted(self) -> bool:
+        if not self.cfg.scheduler.enabled:
+            return False
+        import importlib.util
+
+        try:
+            found = importlib.util.find_spec(self.modules["scheduler"]) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            log.warning(
+                "scheduler enabled but %s is not installed: skipped", self.modules["scheduler"]
+            )
+        return found
+
+    def _boot_workers(self, now: float) -> None:
+        self.boot = "workers"
+        for spec in self.cfg.models:
+            try:
+                slot = self.control.add_worker(spec, from_load=False)
+            except (ConfigError, OSError) as exc:
+                log.error("event=failed model=%s reason=%s", spec.id, exc)
+                continue
+            self.boot_workers.append(slot.child_id)
+            self.spawn(slot, now)
+
+    # ================================================================ stopping
+    def begin_stop(self, slot: Slot, now: float, drain_s: float) -> None:
+        """Stop by request: Stop(drain), then SIGTERM, then SIGKILL of the group."""
+        slot.tracker.on_stop_requested()
+        if slot.proc is None or slot.stop_stage:
+            return
+        if slot.handshaken and self.control.stop(slot):
+            slot.stop_stage = "drain"
+            slot.stop_deadline = now + drain_s
+        else:
+            slot.proc.send_signal(signal.SIGTERM)
+            slot.stop_stage = "term"
+            slot.stop_deadline = now + self.sup.term_timeout_s
+
+    def _advance_stop(self, slot: Slot, now: float) -> None:
+        assert slot.proc is not None
+        if slot.stop_stage == "drain":
+            log.warning("event=stop_timeout child=%s stage=drain: SIGTERM", slot.child_id)
+            slot.proc.send_signal(signal.SIGTERM)
+            slot.stop_stage = "term"
+            slot.stop_deadline = now + self.sup.term_timeout_s
+        elif slot.stop_stage == "term":
+            log.warning("event=stop_timeout child=%s stage=term: SIGKILL group", slot.child_id)
+            slot.proc.kill_group(signal.SIGKILL)
+            slot.stop_stage = "kill"
+            slot.stop_deadline = now + KILL_GRACE_S
+        else:
+            log.error("event=unkillable child=%s pid=%d: abandoned", slot.child_id, slot.proc.pid)
+            self.on_exit(slot, reaped=False)
+
+    def shutdown(self, code: int, now: float) -> None:
+        """Stop every child in reverse start order, then leave the loop with ``code``."""
+        if self.exit_code is not None:
+            self.exit_code = max(self.exit_code, code)
+            return
+        self.exit_code = code
+        self.events.publish("stop", "root", None, code=code)
+        for slot in self.slots.values():
+            for w in slot.load_waiters:
+                self.control.reply_error(w, "shutting_down", "the daemon is stopping")
+            slot.load_waiters.clear()
+            slot.tracker.on_stop_requested()
+        workers = [cid for cid, s in self.slots.items() if s.is_worker]
+        self.stop_groups = [workers, ["scheduler"], ["router"], ["meta"]]
+        self.stop_overall = (
+            now
+            + self.sup.drain_timeout_s
+            + len(self.stop_groups) * (self.sup.term_timeout_s + KILL_GRACE_S)
+        )
+        self._stop_progress(now)
+
+    def _stop_progress(self, now: float) -> None:
+        while self.stop_groups:
+            group = [self.slots[c] for c in self.stop_groups[0] if c in self.slots]
+            live = [s for s in group if s.proc is not None]
+            if not live:
+                self.stop_groups.pop(0)
+                continue
+            remaining = self.stop_overall - now - (len(self.stop_groups) - 1) * KILL_GRACE_S
+            drain_s = max(
+                MIN_DRAIN_S, min(self.sup.drain_timeout_s, remaining - self.sup.term_timeout_s)
+            )
+            for s in live:
+                self.begin_stop(s, now, drain_s)
+            return
+
+    def _kill_all(self) -> None:
+        for slot in self.slots.values():
+            if slot.proc is not None:
+                slot.proc.kill_group(signal.SIGKILL)
+                slot.proc.wait(KILL_GRACE_S)
+
+
+KILL_GRACE_S = 2.0
+MIN_DRAIN_S = 0.5

