@@ -29,8 +29,10 @@ def main() -> None:
             opts = {"parent_key": parent_key} if parent_key else {}
             r = client.complete("default", context, response_tokens=40, **opts)
             print(f"Q: {q}\nA: {r.reply.strip()}")
-            print(f"   [{r.cache_hit_kind}, read {r.cache_delta.read} tokens, "
-                  f"prefill {r.stats.prefill_ms:.0f} ms]\n")
+            print(
+                f"   [{r.cache_hit_kind}, read {r.cache_delta.read} tokens, "
+                f"prefill {r.stats.prefill_ms:.0f} ms]\n"
+            )
             context += r.reply + "<end_of_turn>\n<start_of_turn>user\n"
             parent_key = r.finish_key
 

@@ -23,8 +23,10 @@ def main() -> None:
             t0 = time.perf_counter()
             r = client.complete("default", prompt, response_tokens=24)
             dt = time.perf_counter() - t0
-            print(f"{attempt}: {dt * 1000:.0f} ms total, prefill {r.stats.prefill_ms:.0f} ms, "
-                  f"cache_hit_kind={r.cache_hit_kind}, prompt={r.stats.prompt_tokens} tokens")
+            print(
+                f"{attempt}: {dt * 1000:.0f} ms total, prefill {r.stats.prefill_ms:.0f} ms, "
+                f"cache_hit_kind={r.cache_hit_kind}, prompt={r.stats.prompt_tokens} tokens"
+            )
             print("  ->", r.reply.strip().replace("\n", " ")[:100])
         print("last_cache_hit:", client.last_cache_hit("default"))
         print("counters:", {k: v for k, v in client.counters().items() if v})

@@ -25,9 +25,11 @@ def main() -> None:
                 history[name] += f"\nUser ({name}): {questions[turn]}\nAssistant:"
                 r = client.complete("default", history[name], response_tokens=32)
                 history[name] += r.reply
-                print(f"{name} turn {turn}: {r.cache_hit_kind:7s} reused {r.cache_delta.read:5d} "
-                      f"of {r.stats.prompt_tokens:5d} prompt tokens, prefill "
-                      f"{r.stats.prefill_ms:6.0f} ms | {r.reply.strip()[:60]!r}")
+                print(
+                    f"{name} turn {turn}: {r.cache_hit_kind:7s} reused {r.cache_delta.read:5d} "
+                    f"of {r.stats.prompt_tokens:5d} prompt tokens, prefill "
+                    f"{r.stats.prefill_ms:6.0f} ms | {r.reply.strip()[:60]!r}"
+                )
 
 
 if __name__ == "__main__":
