@@ -8,7 +8,7 @@ Exception tree (catch a family, or ``ErllamaError`` for everything)::
 
     ErllamaError                       .code, .message, .detail
     ├── RequestError                   the request was refused; nothing broke
-    │   ├── InvalidRequestError        bad_request, badarg, too_large, context_overflow, ...
+    │   ├── InvalidRequestError        bad_request, badarg, too_large, context_overflow, enoent, ...
     │   ├── UnknownModelError          model_not_loaded, noproc, not_found
     │   ├── ConflictError              already_loaded, busy, sticky_busy, seq_capacity, conflict
     │   ├── NotSupportedError          not_supported, no_gpu
@@ -42,6 +42,10 @@ class ErrorCode(enum.StrEnum):
     TOKENIZE_FAILED = "tokenize_failed"
     BATCH_OVERFLOW = "batch_overflow"
     THINKING_NOT_ENABLED = "thinking_not_enabled"
+    # file errors (upstream passes the POSIX reason of a file it cannot read: load_adapter)
+    ENOENT = "enoent"
+    EACCES = "eacces"
+    EISDIR = "eisdir"
     # lookup
     MODEL_NOT_LOADED = "model_not_loaded"
     NOPROC = "noproc"
@@ -165,6 +169,9 @@ ERROR_CLASSES: dict[str, type[ErllamaError]] = {
             _C.TOKENIZE_FAILED,
             _C.BATCH_OVERFLOW,
             _C.THINKING_NOT_ENABLED,
+            _C.ENOENT,
+            _C.EACCES,
+            _C.EISDIR,
         )
     },
     **{c: UnknownModelError for c in (_C.MODEL_NOT_LOADED, _C.NOPROC, _C.NOT_FOUND)},

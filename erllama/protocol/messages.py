@@ -35,6 +35,10 @@ MAX_STOP_SEQUENCES = 64
 MAX_STOP_LEN = 1024
 MAX_GRAMMAR_LEN = 1024 * 1024
 MAX_LIST_LEN = 100_000
+MAX_CHAT_MESSAGES = 10_000
+MAX_CHAT_TOOLS = 1_000
+MAX_PATH_LEN = 4096
+MAX_ADAPTER_SCALE = 1e6  # |scale| of a LoRA adapter (also keeps NaN and inf off the wire)
 
 Id = Annotated[str, msgspec.Meta(max_length=MAX_ID_LEN)]
 Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT_LEN)]
@@ -153,6 +157,23 @@ class DaemonStatus(Result, frozen=True):
     pid: int
 
 
+class VerifyResult(Result, frozen=True):
+    """``verify``: ``accepted`` leading candidates agree with the model's argmax;
+    ``next_token`` is its argmax after them, ``eos`` when that is an end-of-generation
+    token (the client returns ``"eos"`` then)."""
+
+    accepted: int
+    next_token: int
+    eos: bool = False
+
+
+class AdapterInfo(Result, frozen=True):
+    """One attached LoRA adapter (``list_adapters``), in attach order."""
+
+    handle: str
+    scale: float
+
+
 # ================================================================ requests (client -> router)
 class RequestOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Options of ``complete`` / ``stream`` / ``infer`` (REFERENCE §1.4)."""
@@ -262,6 +283,63 @@ class GetDaemonStatus(Msg, frozen=True, tag="daemon_status"):
     pass
 
 
+class ApplyChatTemplate(Msg, frozen=True, tag="apply_chat_template"):
+    """``apply_chat_template``: the reply is the prompt as packed u32 tokens.
+
+    ``messages`` entries are ``{role, content}`` maps; their values are checked by the
+    worker (a non-string role or content is ``invalid_content``, never a crash, D13).
+    ``tools`` entries are ``{name, description, schema}`` maps.
+    """
+
+    model: Id
+    messages: Annotated[list[dict[str, Any]], msgspec.Meta(max_length=MAX_CHAT_MESSAGES)]
+    system: Text | None = None
+    tools: Annotated[list[dict[str, Any]], msgspec.Meta(max_length=MAX_CHAT_TOOLS)] | None = None
+
+
+class Embed(Msg, frozen=True, tag="embed"):
+    """``embed``: the reply is ``list[float]`` (n_embd values)."""
+
+    model: Id
+    tokens: TokenBytes
+
+
+class LoadAdapter(Msg, frozen=True, tag="load_adapter"):
+    """``load_adapter``: attach a LoRA GGUF at scale 1.0; the reply is its handle (str)."""
+
+    model: Id
+    path: Annotated[str, msgspec.Meta(max_length=MAX_PATH_LEN)]
+
+
+class UnloadAdapter(Msg, frozen=True, tag="unload_adapter"):
+    """``unload_adapter``: detach; an unknown handle is fine (idempotent)."""
+
+    model: Id
+    handle: Id
+
+
+class SetAdapterScale(Msg, frozen=True, tag="set_adapter_scale"):
+    model: Id
+    handle: Id
+    scale: Annotated[float, msgspec.Meta(ge=-MAX_ADAPTER_SCALE, le=MAX_ADAPTER_SCALE)]
+
+
+class ListAdapters(Msg, frozen=True, tag="list_adapters"):
+    """``list_adapters``: the reply is ``list[AdapterInfo]``."""
+
+    model: Id
+
+
+class Verify(Msg, frozen=True, tag="verify"):
+    """``verify(model, prefix, candidates, k)`` (REFERENCE §1.6): the reply is a
+    ``VerifyResult``. Only while the model is idle (else ``busy``)."""
+
+    model: Id
+    prefix: TokenBytes
+    candidates: TokenBytes
+    k: int
+
+
 ClientRequest = (
     LoadModel
     | Unload
@@ -279,10 +357,33 @@ ClientRequest = (
     | Evict
     | ShutdownModel
     | GetDaemonStatus
+    | ApplyChatTemplate
+    | Embed
+    | LoadAdapter
+    | UnloadAdapter
+    | SetAdapterScale
+    | ListAdapters
+    | Verify
 )
 # Operations the router forwards to the model's worker (body untouched).
 WORKER_OPS: frozenset[type[Msg]] = frozenset(
-    {Complete, Tokenize, Detokenize, ModelStatus, ListCachedPrefixes, Evict, ShutdownModel, Cancel}
+    {
+        Complete,
+        Tokenize,
+        Detokenize,
+        ModelStatus,
+        ListCachedPrefixes,
+        Evict,
+        ShutdownModel,
+        Cancel,
+        ApplyChatTemplate,
+        Embed,
+        LoadAdapter,
+        UnloadAdapter,
+        SetAdapterScale,
+        ListAdapters,
+        Verify,
+    }
 )
 # Operations the router forwards to the root supervisor (they change the tree).
 TREE_OPS: frozenset[type[Msg]] = frozenset({LoadModel, Unload})

@@ -26,10 +26,18 @@ Request flow (REFERENCE §8 with its R:s):
   decodes the sampled token at once (KV == ``context_tokens``, D27), emits it,
   and takes continued saves at absolute frontiers; a finish save at the end.
 * Saves never block on I/O: a snapshot goes to the saver thread.
+* Other ops run between tokens: ``apply_chat_template`` (chat.py), ``embed``
+  (embedding.py: a separate llama.cpp context, D31). Adapter ops (adapters.py)
+  wait for the running request to end, then change the weights, the cache
+  namespace (the effective fingerprint) and clear the live KV.
 * Text (``textstream.py``): one ``TokenEvent`` per generated token (its text
   may be empty: partial UTF-8, or held back because it could start a stop
   string); the held-back tail goes out with the last token. A cancelled
   stream does not flush it.
+* Models with thinking / tool-call markers generate through ``spans.py``
+  (span events, hidden thinking tokens that still go into the KV and
+  ``KvState``). ``verify`` (``speculative.py``) runs only on an idle model
+  and leaves the live KV truncated to the part it reused (D28).
 
 An unexpected exception inside a request is answered ``internal`` and raised
 as ``FatalEngineError``: the backend state may be corrupt, so the worker exits
@@ -53,11 +61,13 @@ from erllama.config import ModelSpec, PolicyConfig
 from erllama.protocol.codec import encode_result, error_reply, reply
 from erllama.protocol.errors import ErllamaError, ErrorCode
 from erllama.protocol.messages import (
+    ApplyChatTemplate,
     CacheHit,
     Cancel,
     Complete,
     Detokenize,
     DoneEvent,
+    Embed,
     Evict,
     ListCachedPrefixes,
     ModelStatus,
@@ -68,13 +78,19 @@ from erllama.protocol.messages import (
     ShutdownModel,
     TokenEvent,
     Tokenize,
+    Verify,
     WorkerStatus,
 )
 from erllama.protocol.tokens import pack_tokens, unpack_tokens
+from erllama.workers import embedding
+from erllama.workers.adapters import ADAPTER_OPS, AdapterSet
 from erllama.workers.backend import ModelBackend, Sampler
 from erllama.workers.cachelink import WorkerCache
+from erllama.workers.chat import ChatTemplate
 from erllama.workers.request import Request, admit, build_result, build_stats
 from erllama.workers.sequence import KvState, SeqCache
+from erllama.workers.spans import SpanSetup, generate_spans
+from erllama.workers.speculative import verify
 from erllama.workers.textstream import TextStream, cut_at_stop
 
 if TYPE_CHECKING:
@@ -198,6 +214,12 @@ class Engine:
         self.saves = SeqCache(
             backend, cache, spec, policy, self.kv, hostname=hostname, version=version
         )
+        # LoRA (adapters.py): a change moves the cache namespace and drops the live KV
+        self.adapters = AdapterSet(backend, backend.info.fingerprint, self._adapters_changed)
+        self.chat = ChatTemplate(backend)
+        # thinking / tool-call markers configured: generation goes through spans.py
+        self.spans = SpanSetup.for_model(spec, backend)
+        self._deferred: list[Inbound] = []  # adapter ops that arrived while a request ran
         self._pending: deque[Request] = deque()
         self._active: Request | None = None
         self._stopping = False
@@ -216,6 +238,7 @@ class Engine:
         while not self._stopping:
             if self._pending:
                 self._serve(self._pending.popleft())
+                self._run_deferred()
             else:
                 self._dispatch(self.inbox.get(), busy=False)
         self._shutdown()
@@ -225,6 +248,7 @@ class Engine:
         while True:
             if self._pending and not self._stopping:
                 self._serve(self._pending.popleft())
+                self._run_deferred()
                 continue
             try:
                 item = self.inbox.get_nowait()
@@ -300,6 +324,21 @@ class Engine:
                 self._emit(cid, reply(msg.request_id, n))
             elif isinstance(msg, Evict | ShutdownModel):
                 self._evict(cid, msg, busy=busy)
+            elif isinstance(msg, Verify):  # speculative.py: only on an idle model (D28)
+                busy = busy or bool(self._pending)
+                result = verify(self.backend, self.kv, msg, busy=busy, stopping=self._stopping)
+                self._emit(cid, reply(msg.request_id, result))
+            elif isinstance(msg, ApplyChatTemplate):
+                toks = self.chat.apply(msg.messages, msg.system, msg.tools)
+                self._emit(cid, reply(msg.request_id, pack_tokens(toks)))
+            elif isinstance(msg, Embed):
+                vector = embedding.embed(self.backend, unpack_tokens(msg.tokens))
+                self._emit(cid, reply(msg.request_id, vector))
+            elif isinstance(msg, ADAPTER_OPS):
+                if busy:  # between requests only: the running one keeps its weights and keys
+                    self._deferred.append(item)
+                else:
+                    self._emit(cid, reply(msg.request_id, self.adapters.handle(msg)))
             else:
                 self._emit(
                     cid,
@@ -310,10 +349,20 @@ class Engine:
                     ),
                 )
         except ErllamaError as exc:
-            self._emit(cid, error_reply(msg.request_id, exc.code, exc.message))
+            self._emit(cid, error_reply(msg.request_id, exc.code, exc.message, detail=exc.detail))
         except Exception as exc:  # outside a request the KV is untouched: answer, go on
             log.exception("operation %s failed", type(msg).__name__)
             self._emit(cid, error_reply(msg.request_id, ErrorCode.INTERNAL, f"{exc!r}"))
+
+    def _adapters_changed(self, fingerprint: bytes) -> None:
+        """The adapter set changed: later keys use its fingerprint, the live KV is stale."""
+        self.saves.set_fingerprint(fingerprint)
+        self.saves.clear_kv()
+
+    def _run_deferred(self) -> None:
+        """Adapter ops held back while a request ran, in arrival order."""
+        while self._deferred:
+            self._dispatch(self._deferred.pop(0), busy=False)
 
     def _enqueue(self, cid: bytes, msg: Complete) -> None:
         if self._stopping:
@@ -467,6 +516,9 @@ class Engine:
                 return
 
     def _generate(self, req: Request, sampler: Sampler) -> None:
+        if self.spans is not None:
+            generate_spans(self, req, sampler, self.spans, emit=self._emit, poll=self._poll)
+            return
         text = TextStream(req.stop_sequences)
         while True:
             if req.first_logits is not None:

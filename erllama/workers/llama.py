@@ -82,6 +82,7 @@ from erllama.protocol.errors import (
     InternalError,
     InvalidRequestError,
     ModelLoadError,
+    NotSupportedError,
 )
 from erllama.workers.backend import BackendInfo, SamplerOptions
 
@@ -93,6 +94,8 @@ log = logging.getLogger(__name__)
 # path starts at 0 with 128-token chunks), so a partial reuse truncated to it recomputes
 # exactly what a cold run computes (tests/model/test_daemon_model.py).
 REUSE_ALIGN_TOKENS = 32
+
+VERIFY_ROWS = 32  # rows with logits per decode in prefill_all_logits
 
 GGUF_MAGIC = b"GGUF"
 REPETITION_LAST_N = 64
@@ -322,10 +325,18 @@ class _Handles:
         self.ctx: int | None = None
         self.batch: Any = None
         self.samplers: weakref.WeakSet[LlamaSampler] = weakref.WeakSet()
+        self.embd_ctx: int | None = None  # the embedding context (D31), if any
+        self.embd_batch: Any = None
 
     def free(self) -> None:
         for sampler in list(self.samplers):
             sampler.close()
+        if self.embd_batch is not None:
+            lc.llama_batch_free(self.embd_batch)
+            self.embd_batch = None
+        if self.embd_ctx is not None:
+            lc.llama_free(self.embd_ctx)
+            self.embd_ctx = None
         if self.batch is not None:
             lc.llama_batch_free(self.batch)
             self.batch = None
@@ -461,6 +472,7 @@ class LlamaBackend:
             raise ModelLoadError(f"cannot load {path}: {reason}", code=code)
         self._h.model = model
         cparams = _context_params(spec.context_opts)
+        cparams.embeddings = False  # D31: embeddings get their own context (_init_embeddings)
         _log_ring.clear()
         ctx = lc.llama_init_from_model(model, cparams)
         if not ctx:
@@ -522,6 +534,9 @@ class LlamaBackend:
             n_gpu_layers=spec.model_opts.n_gpu_layers,
             has_chat_template=lc.llama_model_chat_template(model, None) is not None,
         )
+        self.n_embd = int(lc.llama_model_n_embd(model))
+        if spec.context_opts.embeddings:
+            self._init_embeddings(spec.context_opts)
         log.debug(
             "loaded %s n_ctx=%d n_batch=%d n_seq_max=%d quant=%s",
             path,
@@ -613,8 +628,10 @@ class LlamaBackend:
         if not lc.llama_memory_seq_rm(self._mem, seq, max(n_keep, 0), -1):
             raise ValueError(f"cannot truncate sequence {seq} at {n_keep}")
 
-    def _decode(self, seq: int, tokens: Sequence[int], pos: int) -> None:
-        """Decode at most ``n_batch`` tokens with logits for the last one only."""
+    def _decode(
+        self, seq: int, tokens: Sequence[int], pos: int, *, all_logits: bool = False
+    ) -> None:
+        """Decode at most ``n_batch`` tokens with logits for the last one only (or all)."""
         batch = self._batch
         n = len(tokens)
         if seq != self._batch_seq:
@@ -625,7 +642,7 @@ class LlamaBackend:
         positions = array("i", range(pos, pos + n))
         ctypes.memmove(batch.token, tok.buffer_info()[0], 4 * n)
         ctypes.memmove(batch.pos, positions.buffer_info()[0], 4 * n)
-        ctypes.memset(batch.logits, 0, n)
+        ctypes.memset(batch.logits, 1 if all_logits else 0, n)
         batch.logits[n - 1] = 1
         batch.n_tokens = n
         rc = int(lc.llama_decode(self._ctx, batch))
@@ -667,6 +684,35 @@ class LlamaBackend:
         self._check_token(token)
         _log_ring.clear()
         self._decode(seq, (token,), pos)
+
+    def prefill_all_logits(self, seq: int, tokens: Sequence[int], start_pos: int) -> list[int]:
+        """Decode ``tokens`` like ``prefill`` with logits for every row; the argmax of each.
+
+        ``result[i]`` is the greedy next token after ``tokens[i]`` (ties go to the lowest id,
+        as the greedy sampler does). Rows go in batches of ``VERIFY_ROWS``: llama.cpp keeps
+        an output buffer of n_vocab floats per row with logits (1 MB per row on Gemma 3).
+        """
+        self._check_seq(seq)
+        n = len(tokens)
+        if start_pos < 0 or start_pos + n > self.n_ctx:
+            raise InvalidRequestError(
+                f"{start_pos} + {n} tokens exceed the context of {self.n_ctx}",
+                code=ErrorCode.CONTEXT_OVERFLOW,
+            )
+        self._check_tokens(tokens)
+        _log_ring.clear()
+        out: list[int] = []
+        step = min(self.n_batch, VERIFY_ROWS)
+        for off in range(0, n, step):
+            chunk = tokens[off : off + step]
+            self._decode(seq, chunk, start_pos + off, all_logits=True)
+            for i in range(len(chunk)):
+                ptr = lc.llama_get_logits_ith(self._ctx, i)
+                if not ptr:
+                    raise InternalError(f"no logits for row {i}")
+                row = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+                out.append(int(row.argmax()))
+        return out
 
     # --- sampling --------------------------------------------------------------------------
 
@@ -765,6 +811,141 @@ class LlamaBackend:
             lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
             detail = _recent_errors()
             raise ValueError("state rejected" + (f": {detail}" if detail else ""))
+
+    # --- chat templates (workers/chat.py) -------------------------------------------------
+
+    def chat_template(self) -> str | None:
+        """The GGUF's ``tokenizer.chat_template`` (None when the model has none)."""
+        self._check_open()
+        raw = lc.llama_model_chat_template(self._h.model, None)
+        return raw.decode("utf-8", "replace") if raw else None
+
+    def chat_special_tokens(self) -> tuple[str, str, int | None]:
+        """``(bos_text, eos_text, bos_id)``; ``bos_id`` is None when tokenize adds no BOS."""
+        self._check_open()
+        bos = int(lc.llama_vocab_bos(self._vocab))
+        eos = int(lc.llama_vocab_eos(self._vocab))
+
+        def text(tok: int) -> str:
+            if not 0 <= tok < self.n_vocab:
+                return ""
+            return self.token_to_piece(tok, special=True).decode("utf-8", "replace")
+
+        adds_bos = bool(lc.llama_vocab_get_add_bos(self._vocab)) and 0 <= bos < self.n_vocab
+        return text(bos), text(eos), bos if adds_bos else None
+
+    # --- embeddings (workers/embedding.py, D31) --------------------------------------------
+
+    def _init_embeddings(self, opts: ContextOpts) -> None:
+        """A second context for ``embed``: one sequence, one batch, mean pooling."""
+        assert self._h.model is not None
+        p = _context_params(opts)
+        p.n_ctx = self.n_batch
+        p.n_batch = self.n_batch
+        p.n_ubatch = self.n_batch  # the pooled embedding of one batch, in one ubatch
+        p.n_seq_max = 1
+        p.embeddings = True
+        p.pooling_type = lc.LLAMA_POOLING_TYPE_MEAN
+        p.swa_full = False
+        _log_ring.clear()
+        ctx = lc.llama_init_from_model(self._h.model, p)
+        if not ctx:
+            reason = _recent_errors() or "llama_init_from_model returned NULL"
+            code = _load_error_code(reason, ErrorCode.CONTEXT_FAILED)
+            if code == ErrorCode.MALFORMED_GGUF:
+                code = ErrorCode.CONTEXT_FAILED
+            raise ModelLoadError(f"cannot create the embedding context: {reason}", code=code)
+        self._h.embd_ctx = ctx
+        batch = lc.llama_batch_init(self.n_batch, 0, 1)
+        self._h.embd_batch = batch
+        for i in range(self.n_batch):
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1
+
+    @property
+    def embeddings_enabled(self) -> bool:
+        return self._h.embd_ctx is not None
+
+    def embed_tokens(self, tokens: Sequence[int]) -> list[float]:
+        """The mean-pooled embedding of ``tokens`` (``n_embd`` floats) from the embedding
+        context; the generation context, its KV and its logits are not touched.
+
+        Raises:
+            NotSupportedError: ``not_supported`` (no embedding context), ``embed_failed``.
+            InvalidRequestError: ``invalid_token``, ``batch_overflow`` (checked again here).
+        """
+        ctx = self._h.embd_ctx
+        batch = self._h.embd_batch
+        if ctx is None or batch is None:
+            raise NotSupportedError("no embedding context", code=ErrorCode.NOT_SUPPORTED)
+        n = len(tokens)
+        if not 0 < n <= self.n_batch:
+            raise InvalidRequestError(
+                f"{n} tokens: an embedding takes 1..{self.n_batch}", code=ErrorCode.BATCH_OVERFLOW
+            )
+        self._check_tokens(tokens)
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        tok = array("i", tokens)
+        positions = array("i", range(n))
+        ctypes.memmove(batch.token, tok.buffer_info()[0], 4 * n)
+        ctypes.memmove(batch.pos, positions.buffer_info()[0], 4 * n)
+        batch.n_tokens = n
+        _log_ring.clear()
+        rc = int(lc.llama_decode(ctx, batch))
+        if rc != 0:
+            detail = _recent_errors()
+            raise NotSupportedError(
+                f"embedding decode returned {rc}" + (f": {detail}" if detail else ""),
+                code=ErrorCode.EMBED_FAILED,
+            )
+        ptr = lc.llama_get_embeddings_seq(ctx, 0)
+        if not ptr:
+            raise NotSupportedError("llama.cpp returned no embedding", code=ErrorCode.EMBED_FAILED)
+        out = array("f")
+        out.frombytes(ctypes.string_at(ptr, 4 * self.n_embd))
+        return out.tolist()
+
+    # --- LoRA adapters (workers/adapters.py) -----------------------------------------------
+
+    def lora_load(self, path: str) -> Any:
+        """Load a LoRA GGUF for this model (``llama_adapter_lora_init``); not applied yet.
+
+        Raises:
+            ModelLoadError: ``load_failed`` (llama.cpp refused the file: not a LoRA GGUF,
+                another architecture, shapes that do not match the model).
+        """
+        self._check_open()
+        _log_ring.clear()
+        adapter = lc.llama_adapter_lora_init(self._h.model, os.fsencode(path))
+        if not adapter:
+            reason = _recent_errors() or "llama.cpp refused the adapter"
+            raise ModelLoadError(
+                f"cannot load adapter {path}: {reason}",
+                code=ErrorCode.LOAD_FAILED,
+                detail={"path": path},
+            )
+        return adapter
+
+    def lora_apply(self, adapters: Sequence[tuple[Any, float]]) -> None:
+        """Make exactly these ``(adapter, scale)`` pairs the generation context's set."""
+        self._check_open()
+        n = len(adapters)
+        arr = (lc.llama_adapter_lora_p_ctypes * n)(*(a for a, _ in adapters)) if n else None
+        scales = (ctypes.c_float * n)(*(s for _, s in adapters)) if n else None
+        _log_ring.clear()
+        rc = int(lc.llama_set_adapters_lora(self._ctx, arr, n, scales))
+        if rc != 0:
+            detail = _recent_errors()
+            raise ModelLoadError(
+                f"llama_set_adapters_lora returned {rc}" + (f": {detail}" if detail else ""),
+                code=ErrorCode.LOAD_FAILED,
+            )
+
+    def lora_free(self, adapter: Any) -> None:
+        """Free an adapter that is no longer applied (the model frees the others)."""
+        if self._h.model is not None:
+            lc.llama_adapter_lora_free(adapter)
 
     def close(self) -> None:
         """Free samplers, batch, context and model, in that order (idempotent)."""

@@ -326,6 +326,15 @@ class SeqCache:
         self.backend.seq_clear(0)
         self.kv.clear()
 
+    def set_fingerprint(self, fingerprint: bytes) -> None:
+        """Key every later lookup and save under ``fingerprint``: the effective one when LoRA
+        adapters are attached (REFERENCE §3.3), so their rows never serve another set.
+
+        ``identity_ok`` stays that of the base identity (an all-zero base is never saved).
+        """
+        self.ns = (bytes(fingerprint), self.ns[1], self.ns[2])
+        self._hasher = PrefixHasher(*self.ns)
+
     # ================================================================ saves
     def prompt_end_due(self, req: Request, start: int) -> bool:
         """Save the row of exactly the prompt when it cost a real prefill (>= min_tokens)."""

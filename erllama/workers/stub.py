@@ -16,14 +16,37 @@ It behaves like a tiny language model whose "weights" are SHA-256:
   restore or a truncation without re-decoding raises, which catches a
   missing primer in the engine.
 
+Chat: the stub has a fixed fallback template (``STUB_CHAT_TEMPLATE``, rendered by
+``workers.chat`` like a GGUF template): one ``role: content`` line per message, then
+``assistant:``; BOS is added by the tokenizer only (the template emits none). It has no
+embeddings and no LoRA (``not_supported``).
+
 Delays (``spec.stub``: ``load_delay_ms``, ``prefill_delay_ms_per_token``,
 ``token_delay_ms``) wait on an Event, so ``close()`` interrupts them.
+
+Script (``spec.stub.script``, for span tests): the stub "says" that text
+instead. The next token continues the script after the longest piece of it
+that the context ends with (the earliest piece on a tie; the script's start
+when the context ends with none of it), and EOS follows its end. Still a
+function of the token list alone, so truncations and restores stay checked,
+and a context that jumps inside the script (an injected marker) resumes there.
+Sampling options play no part.
+
+``prefill_all_logits`` (verify, ``workers/speculative.py``) decodes like
+``prefill`` and returns the greedy prediction after every position.
 
 Fault knobs (``spec.stub``): ``fail_load`` raises ``ModelLoadError`` with that
 code at construction; ``crash_after_tokens`` = N lets N generation decodes
 succeed, then the next one crashes per ``crash_mode`` (``sigkill``,
 ``segfault``, ``exit`` = ``os._exit(3)``, ``raise`` = RuntimeError);
 ``hang_after_tokens`` = N blocks the next decode forever without progress.
+``crash_mode = "hang"`` blocks like ``hang_after_tokens``. ``crash_on_load``
+fires ``crash_mode`` while loading (``raise`` -> ``load_failed``);
+``crash_after_prefill_tokens`` = N fires it in the prefill call that reaches N
+prefilled tokens; ``idle_fault`` fires it from a thread while the worker idles
+(``raise`` only ends that thread). ``fault_arm_path``: each fault fires only
+while that file exists, and removes it first, so one arming = one fault and a
+restarted worker serves normally (the fault-matrix tests arm it).
 """
 
 from __future__ import annotations
@@ -56,6 +79,27 @@ LOGITS_MAGIC = b"ERLLOGT1"
 STATE_FORMAT = b"stub-v1"
 _PRINTABLE_FIRST = 0x20
 _PRINTABLE_COUNT = 95  # 0x20 .. 0x7e
+# The stub's chat template: "<role>: <content>" lines, then the assistant prefix.
+STUB_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def script_next(script: Sequence[int], toks: Sequence[int]) -> int:
+    """The scripted next token after ``toks`` (see the module docstring)."""
+    n = len(script)
+    tail = list(toks[-n:])
+    best_len, best_end = 0, 0
+    for end in range(1, n + 1):
+        k = 0
+        while k < end and k < len(tail) and tail[-1 - k] == script[end - 1 - k]:
+            k += 1
+        if k > best_len:
+            best_len, best_end = k, end
+    if best_len == 0:
+        return script[0]
+    return EOS if best_end == n else script[best_end]
 
 
 class _Seq:
@@ -109,6 +153,8 @@ class StubBackend:
         self._hang = threading.Event()
         if opts.load_delay_ms > 0:
             self._stop.wait(opts.load_delay_ms / 1000.0)
+        if opts.crash_on_load and self._armed():
+            self._crash(opts.crash_mode, "while loading")
         if opts.fail_load:
             raise ModelLoadError(f"stub load failure ({opts.fail_load})", code=opts.fail_load)
         if opts.n_vocab < MIN_VOCAB:
@@ -136,9 +182,13 @@ class StubBackend:
             model_size_bytes=0,
         )
         self._trigger = [b + BYTE_OFFSET for b in eos_trigger]
+        self._script = [b + BYTE_OFFSET for b in (opts.script or "").encode("utf-8")]
         self._seqs = [_Seq() for _ in range(n_seq_max)]
         self._decodes = 0  # generation decodes so far (the fault counters)
+        self._prefilled = 0
         self._last_decoded = 0
+        if opts.idle_fault and opts.fault_arm_path:
+            threading.Thread(target=self._idle_watch, name="stub-idle-fault", daemon=True).start()
 
     # ------------------------------------------------------------ tokenizer (pure)
     def tokenize(
@@ -159,6 +209,13 @@ class StubBackend:
 
     def is_eog(self, token: int) -> bool:
         return token == EOS
+
+    def chat_template(self) -> str:
+        """The fallback template (module docstring)."""
+        return STUB_CHAT_TEMPLATE
+
+    def chat_special_tokens(self) -> tuple[str, str, int | None]:
+        return "", "", BOS
 
     # ------------------------------------------------------------ sequences
     def _seq(self, seq: int) -> _Seq:
@@ -205,6 +262,10 @@ class StubBackend:
             return
         self._check_pos(s, start_pos, len(tokens))
         self._check_ids(tokens)
+        n_fault = self._opts.crash_after_prefill_tokens
+        self._prefilled += len(tokens)
+        if n_fault is not None and self._prefilled >= n_fault and self._armed():
+            self._crash(self._opts.crash_mode, f"after {self._prefilled} prefilled tokens")
         if self._opts.prefill_delay_ms_per_token > 0:
             self._stop.wait(self._opts.prefill_delay_ms_per_token * len(tokens) / 1000.0)
         s.tokens.extend(tokens)
@@ -225,19 +286,47 @@ class StubBackend:
 
     def _fault_point(self) -> None:
         o = self._opts
-        if o.hang_after_tokens is not None and self._decodes >= o.hang_after_tokens:
-            self._hang.wait()  # forever: no progress, only close() ends it
-            raise RuntimeError("stub backend closed while hung")
+        if (
+            o.hang_after_tokens is not None
+            and self._decodes >= o.hang_after_tokens
+            and self._armed()
+        ):
+            self._crash("hang", "")
         if o.crash_after_tokens is None or self._decodes < o.crash_after_tokens:
             return
-        mode = o.crash_mode
+        if self._armed():
+            self._crash(o.crash_mode, f"after {self._decodes} tokens")
+
+    def _armed(self) -> bool:
+        """Whether a fault may fire now (``fault_arm_path``: once per arming)."""
+        path = self._opts.fault_arm_path
+        if path is None:
+            return True
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _crash(self, mode: str, where: str) -> None:
         if mode == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif mode == "segfault":
             ctypes.string_at(0)
         elif mode == "exit":
             os._exit(3)
-        raise RuntimeError(f"stub backend fault after {self._decodes} tokens")
+        elif mode == "hang":
+            self._hang.wait()  # forever: no progress, only close() ends it
+            raise RuntimeError("stub backend closed while hung")
+        raise RuntimeError(f"stub backend fault {where}")
+
+    def _idle_watch(self) -> None:
+        """``idle_fault``: fire ``crash_mode`` from this thread once the arm file appears."""
+        path = self._opts.fault_arm_path
+        assert path is not None
+        while not self._stop.wait(0.02):  # test double: a bounded poll of the arm file
+            if os.path.exists(path) and self._armed():
+                self._crash(self._opts.crash_mode, "while idle")
 
     # ------------------------------------------------------------ sampling
     def next_token(self, seq: int, salt: bytes = b"") -> int:
@@ -251,10 +340,20 @@ class StubBackend:
         """The next token after ``toks`` (what the "logits" of their last position say)."""
         if self._trigger and list(toks[-len(self._trigger) :]) == self._trigger:
             return EOS
+        if self._script:
+            return script_next(self._script, toks)
         h = hashlib.sha256(salt)
         h.update(pack_tokens(toks))
         byte = _PRINTABLE_FIRST + h.digest()[0] % _PRINTABLE_COUNT
         return byte + BYTE_OFFSET
+
+    def prefill_all_logits(self, seq: int, tokens: Sequence[int], start_pos: int) -> list[int]:
+        """``prefill``, then the greedy prediction after each of ``tokens`` (verify)."""
+        if not tokens:
+            return []
+        self.prefill(seq, tokens, start_pos)
+        toks = self._seq(seq).tokens
+        return [self.predict(toks[: start_pos + i + 1]) for i in range(len(tokens))]
 
     def new_sampler(self, seq: int, opts: SamplerOptions) -> StubSampler:
         self._seq(seq)

@@ -29,7 +29,9 @@ saver). Nothing is bound.
 
 Messages in: ``Init``, ``Ping``, ``Stop`` (control); ``Complete``,
 ``Cancel``, ``Tokenize``, ``Detokenize``, ``ModelStatus``,
-``ListCachedPrefixes``, ``Evict``, ``ShutdownModel`` (workers). Out:
+``ListCachedPrefixes``, ``Evict``, ``ShutdownModel``, ``ApplyChatTemplate``,
+``Embed``, ``LoadAdapter`` / ``UnloadAdapter`` / ``SetAdapterScale`` /
+``ListAdapters`` (workers; see chat.py, embedding.py, adapters.py). Out:
 ``Hello``, ``Ready`` (info = ``ModelInfo``) or ``StartFailed``, ``Pong``;
 ``Reply``, ``ErrorReply``, ``TokenEvent``, ``DoneEvent`` and
 ``[b"", ERL1, WorkerStatus]`` pushes on every phase / queue transition.
