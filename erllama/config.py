@@ -92,10 +92,22 @@ class StubOpts(_Section, frozen=True):
     token_delay_ms: float = 0.0
     prefill_delay_ms_per_token: float = 0.0
     crash_after_tokens: int | None = None
-    crash_mode: Literal["sigkill", "segfault", "exit", "raise"] = "sigkill"
+    crash_mode: Literal["sigkill", "segfault", "exit", "raise", "hang"] = "sigkill"
     hang_after_tokens: int | None = None
     fail_load: str | None = None  # an error code to fail the load with
     load_delay_ms: float = 0.0
+    # Fault tests (tests/faults): crash per crash_mode while loading, in the prefill call
+    # that reaches this many prefilled tokens, or (idle_fault) from a thread while idle.
+    # With fault_arm_path, a fault fires only while that file exists and removes it first
+    # (each arming fires once), so a restarted worker loads and serves normally.
+    crash_on_load: bool = False
+    crash_after_prefill_tokens: int | None = None
+    idle_fault: bool = False
+    fault_arm_path: str | None = None
+    # The stub "says" this text: the next token continues the script after the longest
+    # piece of it that the context ends with (from the start when none), EOS after its
+    # end; the sampler's seed plays no part (workers/stub.py). Drives span tests.
+    script: str | None = None
 
 
 class Markers(_Section, frozen=True):
@@ -124,8 +136,14 @@ class ModelSpec(_Section, frozen=True):
     default_response_tokens: int = 256
     thinking_markers: Markers | None = None
     tool_call_markers: Markers | None = None
+    # HMAC-SHA256 key of the thinking_end signatures (REFERENCE §1.6); None or "": unsigned.
+    # Upstream has one global key; here it is per model, as the worker gets only its spec.
+    thinking_signing_key: str | None = None
     restart: RestartPolicy = RestartPolicy()
     stub: StubOpts = StubOpts()
+    # The scheduler unloads the model under memory pressure once it has been idle this
+    # long (its cache rows stay); None: never (REFERENCE §9 R, Ollama's keep_alive).
+    keep_alive_s: float | None = None
 
 
 class TierConfig(_Section, frozen=True):
@@ -147,12 +165,23 @@ class CacheConfig(_Section, frozen=True):
 
 class SchedulerConfig(_Section, frozen=True):
     enabled: bool = False
-    pressure_source: Literal["system", "nvml", "noop"] = "system"
+    # "custom": ``custom_sampler`` names a factory ``module:attr`` called with the run dir
+    # that returns a ``scheduler.sampler.Sampler`` (tests: ``...sampler:file_sampler``).
+    pressure_source: Literal["system", "nvml", "noop", "custom"] = "system"
     interval_s: float = 5.0
     high_watermark: float = 0.85
     low_watermark: float = 0.75
     min_evict_bytes: int = 1 * MIB
     evict_tiers: list[TierName] = msgspec.field(default_factory=lambda: ["ram", "ram_file"])
+    custom_sampler: str | None = None
+    # Rows evicted from ram/ram_file are demoted (copied) into this tier instead when it
+    # is configured; None: plain eviction.
+    demote_to: TierName | None = "disk"
+    # Pressure that stays above high for this many samples after an action escalates to
+    # the next action (rows -> idle workers -> keep_alive unloads); one that dips under
+    # high in between does not (no eviction storm around the watermark).
+    escalate_after_samples: int = 2
+    evict_idle_workers: bool = True
 
 
 class SupervisorConfig(_Section, frozen=True):
@@ -171,6 +200,14 @@ class DaemonConfig(_Section, frozen=True):
     endpoint: str | None = None  # None: ipc://<run_dir>/client.sock
     log_level: str = "INFO"
     log_file: str | None = None
+    # An extra client endpoint on TCP (``tcp://host:port``), bound by the router beside
+    # the ipc one. It requires CURVE (protocol/auth.py): the server's secret key file
+    # (``erllama keys``) and a directory of authorized client public keys (``*.key``).
+    # insecure_loopback: plain TCP without CURVE, refused unless the host is loopback.
+    tcp_endpoint: str | None = None
+    curve_server_secret_key: str | None = None
+    curve_authorized_dir: str | None = None
+    insecure_loopback: bool = False
 
 
 class Config(_Section, frozen=True):
@@ -293,6 +330,16 @@ def validate_model_spec(spec: ModelSpec, cache: CacheConfig) -> None:
     _check_hex32("ctx_params_hash", spec.ctx_params_hash)
     if spec.default_response_tokens < 1:
         raise ConfigError("default_response_tokens must be >= 1")
+    if spec.keep_alive_s is not None and spec.keep_alive_s < 0:
+        raise ConfigError("keep_alive_s must be >= 0")
+    for name, markers in (
+        ("thinking_markers", spec.thinking_markers),
+        ("tool_call_markers", spec.tool_call_markers),
+    ):
+        if markers is not None and not (markers.start and markers.end):
+            raise ConfigError(f"{name}: start and end must be non-empty strings")
+        if markers is not None and (markers.payload_start is None) != (markers.payload_end is None):
+            raise ConfigError(f"{name}: payload_start and payload_end go together")
     if spec.tier not in {t.name for t in cache.tiers}:
         raise ConfigError(f"tier {spec.tier!r} is not configured in [cache.tiers]")
     r = spec.restart
@@ -304,6 +351,9 @@ def validate_model_spec(spec: ModelSpec, cache: CacheConfig) -> None:
 
 
 def validate_config(cfg: Config) -> None:
+    from erllama.protocol.auth import check_tcp_settings
+
+    check_tcp_settings(cfg.daemon)
     names = [t.name for t in cfg.cache.tiers]
     if len(names) != len(set(names)):
         raise ConfigError("cache.tiers: each tier name may appear once")
@@ -318,6 +368,10 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError("scheduler watermarks: need 0 <= low_watermark < high_watermark <= 1")
     if s.interval_s <= 0:
         raise ConfigError("scheduler.interval_s must be > 0")
+    if s.pressure_source == "custom" and not s.custom_sampler:
+        raise ConfigError("scheduler.custom_sampler is required with pressure_source = custom")
+    if s.escalate_after_samples < 1:
+        raise ConfigError("scheduler.escalate_after_samples must be >= 1")
     ids = [m.id for m in cfg.models if m.id is not None]
     if len(ids) != len(set(ids)):
         raise ConfigError("models: duplicate model id")

@@ -129,6 +129,8 @@ class ModelInfo(Result, frozen=True):
     state: str = "ready"  # loading | ready | restarting | failed | stopping
     restarts: int = 0
     last_exit: str | None = None
+    keep_alive_s: float | None = None  # the spec's keep_alive (scheduler unloads)
+    idle_s: float | None = None  # seconds since the router last saw the model busy
 
 
 class StatusRow(Result, frozen=True):
@@ -155,6 +157,15 @@ class DaemonStatus(Result, frozen=True):
     tiers: list[TierUsage]
     run_dir: str
     pid: int
+    scheduler: dict[str, Any] | None = None  # last sample, ratio, last action (if running)
+
+
+class VramInfo(Result, frozen=True):
+    """``vram_info()`` (REFERENCE §1.3): summed over every GPU."""
+
+    total_b: int
+    free_b: int
+    used_b: int
 
 
 class VerifyResult(Result, frozen=True):
@@ -273,6 +284,9 @@ class GetCounters(Msg, frozen=True, tag="counters"):
 
 class Evict(Msg, frozen=True, tag="evict"):
     model: Id
+    # The scheduler: an idle worker also frees its llama context (weights stay); the
+    # next request re-creates it. The reply is then ``{"released": bool}``.
+    release_context: bool = False
 
 
 class ShutdownModel(Msg, frozen=True, tag="shutdown"):
@@ -281,6 +295,10 @@ class ShutdownModel(Msg, frozen=True, tag="shutdown"):
 
 class GetDaemonStatus(Msg, frozen=True, tag="daemon_status"):
     pass
+
+
+class GetVramInfo(Msg, frozen=True, tag="vram_info"):
+    """Answered by the router from the scheduler's NVML sample (``no_gpu`` without one)."""
 
 
 class ApplyChatTemplate(Msg, frozen=True, tag="apply_chat_template"):
@@ -357,6 +375,7 @@ ClientRequest = (
     | Evict
     | ShutdownModel
     | GetDaemonStatus
+    | GetVramInfo
     | ApplyChatTemplate
     | Embed
     | LoadAdapter

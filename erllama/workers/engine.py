@@ -307,6 +307,8 @@ class Engine:
             return
         cid, msg = item.client_id, item.msg
         try:
+            if not isinstance(msg, Evict | ShutdownModel | Cancel | ModelStatus):
+                self._ensure_context()
             if isinstance(msg, Complete):
                 self._enqueue(cid, msg)
             elif isinstance(msg, Cancel):
@@ -429,7 +431,23 @@ class Engine:
         if reason == SaveReason.EVICT and not busy:
             self.saves.clear_kv()
         self.saves.send_counters()
+        if isinstance(msg, Evict) and msg.release_context:
+            # the scheduler under memory pressure: free the llama context, keep the
+            # weights; the next request re-creates it (_ensure_context) and restores warm
+            released = False
+            release = getattr(self.backend, "release_context", None)
+            if not busy and not self._pending and release is not None:
+                released = bool(release())
+            log.info("event=release_context released=%s busy=%s", released, busy)
+            self._emit(cid, reply(msg.request_id, {"released": released}))
+            return
         self._emit(cid, reply(msg.request_id, None))
+
+    def _ensure_context(self) -> None:
+        """Re-create a context the scheduler released (no-op when it exists)."""
+        ensure = getattr(self.backend, "ensure_context", None)
+        if ensure is not None:
+            ensure()
 
     # ================================================================ one request
     def _serve(self, req: Request) -> None:

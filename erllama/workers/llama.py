@@ -473,6 +473,8 @@ class LlamaBackend:
         self._h.model = model
         cparams = _context_params(spec.context_opts)
         cparams.embeddings = False  # D31: embeddings get their own context (_init_embeddings)
+        self._cparams = cparams  # kept to re-create the context (ensure_context)
+        self._lora_set: list[tuple[Any, float]] = []
         _log_ring.clear()
         ctx = lc.llama_init_from_model(model, cparams)
         if not ctx:
@@ -941,11 +943,53 @@ class LlamaBackend:
                 f"llama_set_adapters_lora returned {rc}" + (f": {detail}" if detail else ""),
                 code=ErrorCode.LOAD_FAILED,
             )
+        self._lora_set = list(adapters)
 
     def lora_free(self, adapter: Any) -> None:
         """Free an adapter that is no longer applied (the model frees the others)."""
         if self._h.model is not None:
             lc.llama_adapter_lora_free(adapter)
+
+    # --- context release (the memory-pressure scheduler) -----------------------------------
+    context_released = False
+
+    def release_context(self) -> bool:
+        """Free the generation context (its KV cache and compute buffers); keep the weights.
+
+        Only on an idle backend (no live sampler). The next ``ensure_context`` makes a new
+        one with the same parameters. Returns False when there was nothing to free.
+        """
+        if self._h.ctx is None or self.context_released or len(self._h.samplers):
+            return False
+        lc.llama_free(self._h.ctx)
+        self._h.ctx = None
+        self.context_released = True
+        log.info("event=context_released")
+        return True
+
+    def ensure_context(self) -> bool:
+        """Re-create a released context (and re-apply the adapter set); True when it did.
+
+        Raises:
+            ModelLoadError: ``context_failed`` (llama.cpp could not allocate it).
+        """
+        if not self.context_released:
+            return False
+        _log_ring.clear()
+        ctx = lc.llama_init_from_model(self._h.model, self._cparams)
+        if not ctx:
+            reason = _recent_errors() or "llama_init_from_model returned NULL"
+            raise ModelLoadError(
+                f"cannot re-create the context: {reason}", code=ErrorCode.CONTEXT_FAILED
+            )
+        self._h.ctx = ctx
+        self._ctx = ctx
+        self._mem = lc.llama_get_memory(ctx)
+        self.context_released = False
+        if self._lora_set:
+            self.lora_apply(self._lora_set)
+        log.info("event=context_recreated")
+        return True
 
     def close(self) -> None:
         """Free samplers, batch, context and model, in that order (idempotent)."""

@@ -15,8 +15,11 @@ raises ``InvalidRequestError`` with a stable code:
 ``response_tokens`` defaults to ``spec.default_response_tokens`` for
 ``complete`` / ``stream`` and to 64 for ``infer`` (REFERENCE §1.4), and is
 always capped at ``n_ctx - len(prompt)`` (D9). Stop sequences that are not
-non-empty strings are dropped (§8.7). Thinking options are accepted and
-ignored (no span support yet: tokens stream as plain text).
+non-empty strings are dropped (§8.7). ``thinking="enabled"`` and
+``thinking_budget_tokens`` (``badarg`` unless > 0) take effect on models with
+``thinking_markers`` (``workers/spans.py``). ``response_tokens`` counts the
+*visible* generated tokens there; thinking tokens are bounded by the budget
+and by the context (``hit_length``: the reply was cut at a limit).
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ class Request:
     last_save_at: int = 0  # what of the live context is already cached (D15)
     counters: Counter[str] = field(default_factory=Counter)
     first_logits: bytes | None = None  # stored logits of the prompt's end: sample, don't re-decode
+    thinking: bool = False  # thinking="enabled" (spans.py)
+    thinking_budget: int | None = None  # thinking_budget_tokens
+    hit_length: bool = False  # generation stopped at a limit (finish_reason "length")
     _seq: int = 0
 
     @property
@@ -143,6 +149,8 @@ def admit(
     default = INFER_DEFAULT_RESPONSE_TOKENS if msg.mode == "infer" else spec.default_response_tokens
     max_tokens = min(o.response_tokens or default, n_ctx - len(prompt))
     stops = [s for s in (o.stop_sequences or []) if isinstance(s, str) and s]
+    if o.thinking_budget_tokens is not None and o.thinking_budget_tokens <= 0:
+        raise _bad(ErrorCode.BADARG, "thinking_budget_tokens must be > 0")
     return Request(
         client_id=client_id,
         request_id=msg.request_id,
@@ -154,6 +162,8 @@ def admit(
         parent_key=o.parent_key,
         session_id=o.session_id,
         received_at=now,
+        thinking=o.thinking == "enabled",
+        thinking_budget=o.thinking_budget_tokens,
     )
 
 
@@ -163,7 +173,7 @@ def finish_reason(req: Request) -> FinishReason:
         return "cancelled"
     if req.stop_sequence is not None:
         return "stop"
-    if len(req.generated) >= req.max_tokens:
+    if len(req.generated) >= req.max_tokens or req.hit_length:
         return "length"
     return "stop"
 

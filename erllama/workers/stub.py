@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import signal
 import struct
@@ -131,6 +132,9 @@ class StubSampler:
 
     def close(self) -> None:
         pass
+
+
+log = logging.getLogger(__name__)
 
 
 class StubBackend:
@@ -400,6 +404,29 @@ class StubBackend:
             raise ValueError("stub state snapshot has a bad length")
         s.tokens = list(struct.unpack_from(f"<{n}I", data, head))
         s.has_logits = False
+
+    # ------------------------------------------------------------ context (scheduler)
+    context_released = False  # observable by tests: the scheduler freed the "context"
+    contexts_created = 1
+
+    def release_context(self) -> bool:
+        """Like ``LlamaBackend.release_context``: drop every sequence; weights stay."""
+        if self.context_released:
+            return False
+        for s in self._seqs:
+            s.tokens = []
+            s.has_logits = False
+        self.context_released = True
+        return True
+
+    def ensure_context(self) -> bool:
+        """Re-create a released context; True when it did."""
+        if not self.context_released:
+            return False
+        self.context_released = False
+        self.contexts_created += 1
+        log.info("event=context_recreated contexts=%d", self.contexts_created)
+        return True
 
     def close(self) -> None:
         self._stop.set()
