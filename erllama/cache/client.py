@@ -44,6 +44,8 @@ from erllama.protocol.meta_messages import (
     CheckoutResult,
     CheckReservation,
     CountersResult,
+    Demote,
+    DemoteResult,
     EvictBytes,
     EvictResult,
     Gc,
@@ -267,6 +269,18 @@ class MetaClient:
         )
         res = self._call(msg, EvictResult)
         return res.evicted, res.bytes_freed
+
+    def demote(
+        self, target: int, from_tiers: Sequence[str], to_tier: str, *, timeout_s: float = 60.0
+    ) -> DemoteResult:
+        """Move LRU rows of ``from_tiers`` into ``to_tier`` (the reply waits for the copies)."""
+        msg = Demote(
+            request_id=self._rid(),
+            target=target,
+            from_tiers=[cast(TierName, t) for t in from_tiers],
+            to_tier=cast(TierName, to_tier),
+        )
+        return self._call(msg, DemoteResult, extra_s=max(0.0, timeout_s - self.timeout_s))
 
     def gc(self) -> int:
         return self._call(Gc(request_id=self._rid()), GcResult).evicted

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
+from erllama.cache.demote import DemoteJob, Victim
 from erllama.cache.keys import make_key_packed
 from erllama.cache.kvc import KvcError, KvcMeta
 from erllama.cache.ledger import Ledger
@@ -34,6 +35,8 @@ from erllama.protocol.meta_messages import (
     CheckoutResult,
     CheckReservation,
     CountersResult,
+    Demote,
+    DemoteResult,
     EvictBytes,
     EvictResult,
     Gc,
@@ -54,6 +57,7 @@ from erllama.protocol.meta_messages import (
     ResetCounters,
     Row,
     RowInfo,
+    SchedulerReport,
     TierName,
     TierStatsResult,
 )
@@ -101,8 +105,13 @@ class RequestHandlers:
 
     ledger: Ledger
     layout: TierLayout
+    scheduler_status: dict[str, Any] | None = None
+    _ident: bytes = b""
 
     def apply(self, eff: Effects) -> None:  # pragma: no cover - provided by MetaServer
+        raise NotImplementedError
+
+    def submit_demote(self, job: DemoteJob) -> None:  # pragma: no cover - MetaServer
         raise NotImplementedError
 
     def park(self, waiter: int, request_id: str) -> None:  # pragma: no cover
@@ -245,6 +254,26 @@ class RequestHandlers:
         self.apply(eff)
         return EvictResult(evicted=n, bytes_freed=freed), None
 
+    def op_demote(self, m: Demote) -> Out:
+        """Pick the victims now; the copies run on the demoter thread and the reply is
+        sent when they are done (``MetaServer.finish_demotes``). With no target tier
+        configured this is a plain ``evict_bytes``."""
+        tiers = [t for t in m.from_tiers if t in self.layout.budgets and t != m.to_tier]
+        if m.to_tier not in self.layout.budgets:
+            n, freed, eff = self.ledger.evict_bytes(m.target, tiers)
+            self.apply(eff)
+            return DemoteResult(demoted=0, evicted=n, bytes_freed=freed), None
+        rows = self.ledger.demote_pick(m.target, tiers)
+        if not rows:
+            return DemoteResult(demoted=0, evicted=0, bytes_freed=0), None
+        victims = [Victim(r.key, r.path, r.size, r.tier) for r in rows]
+        self.submit_demote(DemoteJob(self._ident, m.request_id, m.to_tier, victims))
+        return None
+
+    def op_scheduler_report(self, m: SchedulerReport) -> Out:
+        self.scheduler_status = dict(m.status)
+        return None
+
     def op_gc(self, m: Gc) -> Out:
         n, eff = self.ledger.gc()
         self.apply(eff)
@@ -260,7 +289,12 @@ class RequestHandlers:
         return None
 
     def op_counters(self, m: GetMetaCounters) -> Out:
-        return CountersResult(counters=self.ledger.counters()), None
+        # gauges of held claims besides the counters: the fault tests check they drain
+        held = {
+            "pins_held": len(self.ledger.pins),
+            "reservations_held": len(self.ledger.reservations),
+        }
+        return CountersResult(counters={**self.ledger.counters(), **held}), None
 
     def op_reset_counters(self, m: ResetCounters) -> Out:
         self.ledger.reset_counters()
@@ -277,7 +311,7 @@ class RequestHandlers:
             )
             for t, u in self.ledger.tier_usage().items()
         ]
-        return TierStatsResult(tiers=tiers), None
+        return TierStatsResult(tiers=tiers, scheduler=self.scheduler_status), None
 
 
 HANDLERS: dict[type[Msg], str] = {
@@ -293,6 +327,8 @@ HANDLERS: dict[type[Msg], str] = {
     CancelReservation: "op_cancel_reservation",
     InsertAvailable: "op_insert_available",
     EvictBytes: "op_evict_bytes",
+    Demote: "op_demote",
+    SchedulerReport: "op_scheduler_report",
     Gc: "op_gc",
     AddCounters: "op_add_counters",
     GetMetaCounters: "op_counters",

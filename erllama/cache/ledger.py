@@ -94,6 +94,7 @@ class Ledger:
         self._next_pin = 1
         self._next_waiter = 1
         self._counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        self._demoting: dict[bytes, LedgerRow] = {}  # rows whose copy is being made
 
     # ------------------------------------------------------------ counters
     def count(self, name: str, n: int = 1) -> None:
@@ -489,6 +490,80 @@ class Ledger:
         """Evict every unreferenced available row."""
         n, _, eff = self._evict(list(self.budgets), -1)
         return n, eff
+
+    # ------------------------------------------------------------ demotion (scheduler)
+    def demote_pick(self, target: int, tiers: Iterable[str]) -> list[LedgerRow]:
+        """Unpinned available rows of ``tiers``, oldest first, until ``target`` bytes: the
+        rows to copy into a lower tier. They stay hits meanwhile; ``demote_done`` or
+        ``demote_failed`` must follow for each."""
+        if target <= 0:
+            return []
+        entries: list[tuple[int, int, bytes]] = []
+        for t in dict.fromkeys(tiers):
+            lru = self._lru.get(t)
+            if lru is not None:
+                entries += [(lu, s, k) for k, (lu, s) in lru.stamp.items()]
+        entries.sort()
+        out: list[LedgerRow] = []
+        total = 0
+        for _, _, key in entries:
+            if total >= target:
+                break
+            row = self.rows.get(key)
+            if row is None or row.status != "available" or row.refcount > 0:
+                continue
+            if key in self._demoting:
+                continue
+            self._demoting[key] = row
+            out.append(row)
+            total += row.size
+        return out
+
+    def demote_done(
+        self, key: bytes, to_tier: str, new_path: str
+    ) -> tuple[Literal["demoted", "skipped"], Effects]:
+        """The copy of ``key`` sits at ``new_path`` in ``to_tier``: re-point the row and
+        delete the old file (``demoted``), or drop the copy when the row was pinned,
+        removed or replaced meanwhile (``skipped``)."""
+        picked = self._demoting.pop(key, None)
+        row = self.rows.get(key)
+        if (
+            picked is None
+            or row is not picked
+            or row.status != "available"
+            or row.refcount > 0
+            or to_tier not in self.budgets
+        ):
+            if row is None or row.path != new_path:
+                return "skipped", Effects(actions=[DeleteFile(key, new_path)])
+            return "skipped", Effects()
+        old_tier, old_path = row.tier, row.path
+        self._used[old_tier] -= row.size
+        self._rows_in[old_tier] -= 1
+        self._lru[old_tier].discard(key)
+        row.tier, row.path = to_tier, new_path
+        self._used[to_tier] += row.size
+        self._rows_in[to_tier] += 1
+        self._lru[to_tier].touch(key, row.last_used)
+        self._counters["rows_demoted"] += 1
+        eff = Effects(actions=[DeleteFile(key, old_path)])
+        budget = self.budgets[to_tier]
+        if self._used[to_tier] > budget:
+            target = self._used[to_tier] - int(budget * BUDGET_LOW_WATER)
+            _, _, evicted = self._evict([to_tier], target, protect=key)
+            eff.merge(evicted)
+        return "demoted", eff
+
+    def demote_failed(self, key: bytes) -> tuple[int, Effects]:
+        """The copy failed: evict the row instead when nobody holds it; returns the bytes
+        freed."""
+        picked = self._demoting.pop(key, None)
+        row = self.rows.get(key)
+        if picked is None or row is not picked or row.status != "available" or row.refcount:
+            return 0, Effects()
+        self._remove(key)
+        self._counters["evictions"] += 1
+        return row.size, Effects(actions=[DeleteFile(key, row.path)])
 
     def drop_corrupt(self, key: bytes, *, corrupt: bool = True) -> Effects:
         """D19: a row whose file failed validation (``corrupt``) or is gone leaves the

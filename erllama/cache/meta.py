@@ -45,6 +45,7 @@ import msgspec
 import zmq
 
 from erllama import lifecycle, logs
+from erllama.cache.demote import DemoteJob, Demoter
 from erllama.cache.handlers import RequestHandlers, row_data, to_row
 from erllama.cache.kvc import KvcError, set_hit_count
 from erllama.cache.ledger import Ledger
@@ -54,7 +55,7 @@ from erllama.config import CacheConfig
 from erllama.protocol.codec import Decoder, encode, error_reply, peek_request_id, reply
 from erllama.protocol.errors import ErllamaError, ErrorCode, ProtocolError
 from erllama.protocol.messages import HoldersDied, Msg, Stop
-from erllama.protocol.meta_messages import CheckoutResult, MetaRequest, Pin
+from erllama.protocol.meta_messages import CheckoutResult, DemoteResult, MetaRequest, Pin
 from erllama.protocol.sockets import META_SOCK, ipc_endpoint, make_socket
 
 __all__ = ["HIT_FLUSH_INTERVAL_S", "MetaServer", "main"]
@@ -98,6 +99,7 @@ class MetaServer(RequestHandlers):
         self._next_flush = now + int(HIT_FLUSH_INTERVAL_S * NS)
         self._ident = b""
         self._handlers = self.handlers
+        self.demoter: Demoter | None = None  # started by the first demote
 
     # ------------------------------------------------------------ start
     def scan(self) -> int:
@@ -229,6 +231,41 @@ class MetaServer(RequestHandlers):
     def park(self, waiter: int, request_id: str) -> None:
         self.parked[waiter] = (self._ident, request_id)
 
+    # ------------------------------------------------------------ demotion
+    def submit_demote(self, job: DemoteJob) -> None:
+        if self.demoter is None:
+            self.demoter = Demoter(self.layout)
+        self.demoter.submit(job)
+
+    def finish_demotes(self) -> int:
+        """Re-point the rows of every finished demote job and queue its reply."""
+        if self.demoter is None:
+            return 0
+        jobs = self.demoter.take_done()
+        for job in jobs:
+            demoted = evicted = freed = 0
+            for v in job.victims:
+                new_path = job.copied.get(v.key)
+                if new_path is None:
+                    size, eff = self.ledger.demote_failed(v.key)
+                    if size:
+                        evicted += 1
+                        freed += size
+                else:
+                    status, eff = self.ledger.demote_done(v.key, job.to_tier, new_path)
+                    if status == "demoted":
+                        demoted += 1
+                        freed += v.size
+                self.apply(eff)
+            from_tiers = ",".join(sorted({v.tier for v in job.victims}))
+            log.info(
+                "event=demote from=%s to=%s rows=%d evicted=%d bytes=%d",
+                from_tiers, job.to_tier, demoted, evicted, freed,
+            )  # fmt: skip
+            result = DemoteResult(demoted=demoted, evicted=evicted, bytes_freed=freed)
+            self.outbox.append((job.ident, reply(job.request_id, result), None))
+        return len(jobs)
+
     # ------------------------------------------------------------ control
     def holders_died(self, holders: list[str]) -> None:
         for holder in holders:
@@ -238,6 +275,10 @@ class MetaServer(RequestHandlers):
     def shutdown(self) -> None:
         for wake in self.ledger.drop_all_waiters():
             self._answer_wake(wake)
+        if self.demoter is not None:
+            self.demoter.stop()
+            self.finish_demotes()
+            self.demoter.close()
         self.flush_hits()
 
     # ------------------------------------------------------------ timers
@@ -286,8 +327,14 @@ class MetaServer(RequestHandlers):
         poller.register(sock, zmq.POLLIN)
         poller.register(link.socket, zmq.POLLIN)
         poller.register(wake_fd, zmq.POLLIN)
+        demote_fd: int | None = None
         while True:
+            if demote_fd is None and self.demoter is not None:
+                demote_fd = self.demoter.fd
+                poller.register(demote_fd, zmq.POLLIN)
             events = dict(poller.poll(self.timeout_ms()))
+            if demote_fd is not None and events.get(demote_fd):
+                self.finish_demotes()
             if events.get(wake_fd):
                 _drain_fd(wake_fd)
                 if _stop_requested:

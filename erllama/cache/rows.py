@@ -53,6 +53,12 @@ COUNTER_NAMES: tuple[str, ...] = (
     "internal_errors",
     "checkouts_parked",
     "hits_live",  # a worker reused its live KV (no restore needed)
+    # memory-pressure scheduler (REFERENCE §9): every decision is counted
+    "rows_evicted",  # rows the scheduler evicted (also in ``evictions``)
+    "rows_demoted",  # rows moved into a lower tier instead of evicted (still hits)
+    "bytes_freed",  # bytes of RAM-backed rows the scheduler evicted or demoted
+    "workers_evicted",  # idle workers told to save and free their llama context
+    "models_unloaded",  # idle models past keep_alive unloaded under pressure
 )
 GAUGES: dict[str, str] = {"bytes_ram": "ram", "bytes_ramfile": "ram_file", "bytes_disk": "disk"}
 """Counters that are current byte usage of a tier (D21): never added to, never reset."""

@@ -30,11 +30,13 @@ Operations (tag -> result):
     meta_counters             -> CountersResult
     reset_counters            -> None
     tier_stats                -> TierStatsResult
+    demote                    -> DemoteResult     (the reply waits for the copies)
+    scheduler_report          -> no reply (fire and forget; shown by tier_stats)
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -134,6 +136,16 @@ class CountersResult(Result, frozen=True):
 
 class TierStatsResult(Result, frozen=True):
     tiers: list[TierUsage]
+    scheduler: dict[str, Any] | None = None  # the scheduler's last report, if any
+
+
+class DemoteResult(Result, frozen=True):
+    """``demoted`` rows now live in the lower tier; ``evicted`` rows could not be copied
+    and were evicted; ``bytes_freed`` left the source tiers."""
+
+    demoted: int
+    evicted: int
+    bytes_freed: int
 
 
 # ================================================================ requests
@@ -220,6 +232,21 @@ class Gc(Msg, tag="gc", frozen=True):
     pass
 
 
+class Demote(Msg, tag="demote", frozen=True):
+    """Move LRU unpinned rows of ``from_tiers`` into ``to_tier`` until ``target`` bytes
+    have left them (the copy runs off meta's loop; the reply comes when it is done)."""
+
+    target: U63
+    from_tiers: Tiers
+    to_tier: TierName
+
+
+class SchedulerReport(Msg, tag="scheduler_report", frozen=True):
+    """Fire and forget: the scheduler's status (last sample, ratio, last action, vram)."""
+
+    status: Annotated[dict[str, Any], msgspec.Meta(max_length=64)]
+
+
 class AddCounters(Msg, tag="add_counters", frozen=True):
     """Fire and forget: meta sends no reply (bad ones are counted in ``bad_requests``)."""
 
@@ -256,4 +283,6 @@ MetaRequest = (
     | GetMetaCounters
     | ResetCounters
     | GetTierStats
+    | Demote
+    | SchedulerReport
 )

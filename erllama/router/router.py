@@ -42,6 +42,8 @@ import msgspec
 import zmq
 
 from erllama import lifecycle, logs
+from erllama.config import DaemonConfig
+from erllama.protocol.auth import TcpListener, bind_tcp
 from erllama.protocol.codec import PROTOCOL_ID, Decoder, encode, error_reply, peek_request_id, reply
 from erllama.protocol.errors import ErllamaError, ErrorCode, ProtocolError
 from erllama.protocol.messages import (
@@ -49,12 +51,14 @@ from erllama.protocol.messages import (
     WORKER_OPS,
     Cancel,
     ClientRequest,
+    Complete,
     DaemonStatus,
     ErrorReply,
     GetCounters,
     GetDaemonStatus,
     GetModelInfo,
     GetStatusRow,
+    GetVramInfo,
     ListModels,
     ModelInfo,
     ModelStateChanged,
@@ -63,6 +67,7 @@ from erllama.protocol.messages import (
     Reply,
     Stop,
     TierUsage,
+    VramInfo,
     WorkerExited,
     WorkerPush,
 )
@@ -123,6 +128,15 @@ class Router:
         self._stopping = False
         self._route_retry_at = 0.0
         self.client = make_socket(ctx, zmq.ROUTER, bind=self.endpoint)
+        # DESIGN §2: an opt-in TCP endpoint on the same socket, CURVE unless insecure loopback
+        self.tcp: TcpListener | None = None
+        daemon_cfg = msgspec.convert(init.get("daemon") or {}, DaemonConfig)
+        if daemon_cfg.tcp_endpoint:
+            try:
+                self.tcp = bind_tcp(ctx, self.client, daemon_cfg)
+            except BaseException:
+                self.client.close(linger=0)
+                raise
         self.workers = make_socket(ctx, zmq.ROUTER, bind=ipc_endpoint(run_dir, WORKERS_SOCK))
         self._bound_files = [
             _socket_file(self.endpoint),
@@ -201,6 +215,8 @@ class Router:
         for sock in (self.client, self.workers):
             sock.close(linger=500)
         self.meta.close(linger=0)
+        if self.tcp is not None:
+            self.tcp.stop()
         for path, ino in self._bound_files:
             _remove_socket_file(path, ino)
         self._wake_r.close()
@@ -299,6 +315,8 @@ class Router:
                     return
             else:
                 model = msg.model  # type: ignore[attr-defined]
+            if isinstance(msg, Complete):
+                self.table.touch(model)
             self._admit(client_id, model, rid, body)
         elif isinstance(msg, ListModels):
             self._send_client(client_id, reply(rid, self.table.list_models()))
@@ -318,6 +336,8 @@ class Router:
             self._meta_call("counters", client_id, rid, GetMetaCounters(), META_TIMEOUT_S)
         elif isinstance(msg, GetDaemonStatus):
             self._meta_call("daemon_status", client_id, rid, GetTierStats(), STATUS_META_TIMEOUT_S)
+        elif isinstance(msg, GetVramInfo):  # the scheduler's NVML sample, kept by meta
+            self._meta_call("vram_info", client_id, rid, GetTierStats(), STATUS_META_TIMEOUT_S)
         else:  # pragma: no cover - every ClientRequest is handled above
             self._send_client(client_id, error_reply(rid, ErrorCode.NOT_SUPPORTED, "unknown op"))
 
@@ -359,15 +379,24 @@ class Router:
     def _meta_done(self, call: _MetaCall, msg: Reply | ErrorReply | None) -> None:
         """Answer the client's counters / daemon_status with what meta said (or did not)."""
         ok = isinstance(msg, Reply)
-        if call.kind == "daemon_status":
+        if call.kind in ("daemon_status", "vram_info"):
             tiers: list[TierUsage] = []
+            sched: dict[str, Any] | None = None
             if isinstance(msg, Reply):
                 try:
-                    tiers = msgspec.msgpack.decode(msg.result, type=TierStatsResult).tiers
+                    stats = msgspec.msgpack.decode(msg.result, type=TierStatsResult)
+                    tiers, sched = stats.tiers, stats.scheduler
                 except msgspec.MsgspecError:
                     log.warning("bad tier_stats result from meta")
+            if call.kind == "vram_info":
+                self._send_client(call.client_id, _vram_reply(call.request_id, sched))
+                return
             status = DaemonStatus(
-                models=self.table.list_models(), tiers=tiers, run_dir=self.run_dir, pid=os.getppid()
+                models=self.table.list_models(),
+                tiers=tiers,
+                run_dir=self.run_dir,
+                pid=os.getppid(),
+                scheduler=sched,
             )
             self._send_client(call.client_id, reply(call.request_id, status))
             return
@@ -406,6 +435,21 @@ class Router:
             self.counters["router_unroutable"] += 1
             return False
         return True
+
+
+def _vram_reply(rid: str, sched: dict[str, Any] | None) -> Msg:
+    """``vram_info`` from the scheduler's last NVML sample; ``no_gpu`` without one."""
+    vram = sched.get("vram") if sched else None
+    if not isinstance(vram, dict):
+        why = "no NVML sample (the scheduler is not running)" if sched is None else (
+            (sched.get("vram_reason") if sched else None) or "no GPU"
+        )
+        return error_reply(rid, ErrorCode.NO_GPU, str(why))
+    try:
+        info = msgspec.convert(vram, VramInfo)
+    except msgspec.ValidationError:
+        return error_reply(rid, ErrorCode.NO_GPU, "bad vram sample")
+    return reply(rid, info)
 
 
 def _socket_file(endpoint: str) -> tuple[str, int | None]:
@@ -449,15 +493,17 @@ def main(run_dir: str, child_id: str) -> int:
             return 1
         endpoint = str(init.config.get("endpoint") or "")
         if endpoint and not endpoint.startswith("ipc://"):
-            # DESIGN §2: TCP needs CURVE authentication, which is not implemented yet
+            # DESIGN §2: TCP is opt-in through daemon.tcp_endpoint (CURVE, protocol/auth.py)
             log.error("event=start_failed endpoint=%s: only ipc:// endpoints", endpoint)
             link.start_failed(
-                ErrorCode.NOT_SUPPORTED, f"endpoint {endpoint}: only ipc:// is supported (no CURVE)"
+                ErrorCode.NOT_SUPPORTED,
+                f"endpoint {endpoint}: daemon.endpoint is ipc:// only; "
+                "use daemon.tcp_endpoint (CURVE) for TCP",
             )
             return 0
         try:
             router = Router(ctx, run_dir, link, init.config)
-        except (zmq.ZMQError, msgspec.ValidationError, OSError) as exc:
+        except (zmq.ZMQError, msgspec.ValidationError, OSError, ValueError) as exc:
             log.error("event=start_failed %s", exc)
             link.start_failed(ErrorCode.INTERNAL, f"router cannot start: {exc}")
             return 0

@@ -23,6 +23,7 @@ request_id)`` so a ``Cancel`` finds its model.
 from __future__ import annotations
 
 import enum
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -75,6 +76,7 @@ class ModelEntry:
     connected: bool = False
     queue: deque[Pending] = field(default_factory=deque)
     forwarded: set[Key] = field(default_factory=set)
+    last_busy: float = field(default_factory=time.monotonic)  # for ModelInfo.idle_s
 
     @property
     def routable(self) -> bool:
@@ -151,6 +153,8 @@ class ModelTable:
         if entry is None:
             return []
         entry.status = status
+        if status.phase != "idle" or status.pending_len:
+            entry.last_busy = time.monotonic()
         if not entry.connected and entry.state in ("ready", "stopping"):
             entry.connected = True
             return self.take_queue(model)
@@ -182,6 +186,12 @@ class ModelTable:
         self.index[key] = model
         entry.queue.append(Pending(client_id, request_id, body))
         return Admission(Admit.HOLD)
+
+    def touch(self, model: str) -> None:
+        """A request that uses the model arrived (``idle_s`` restarts from 0)."""
+        entry = self.models.get(model)
+        if entry is not None:
+            entry.last_busy = time.monotonic()
 
     def take_queue(self, model: str) -> list[Pending]:
         """Everything held for ``model``, now counted as forwarded."""
@@ -253,6 +263,8 @@ class ModelTable:
         info = entry.info
         st = entry.status
         phase = st.phase if st is not None else info.phase
+        busy = phase != "idle" or bool(entry.queue)
+        idle_s = 0.0 if busy else max(0.0, time.monotonic() - entry.last_busy)
         return msgspec.structs.replace(
             info,
             state=entry.state,
@@ -260,6 +272,7 @@ class ModelTable:
             phase=phase,
             pending_len=st.pending_len if st is not None else info.pending_len,
             last_cache_hit=st.last_cache_hit if st is not None else info.last_cache_hit,
+            idle_s=round(idle_s, 3),
         )
 
     def list_models(self) -> list[ModelInfo]:

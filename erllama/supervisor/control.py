@@ -145,7 +145,7 @@ class ControlServer:
             models = [self.view(s) for s in root.slots.values() if s.is_worker]
             return payloads.router_init(cfg, models, root.endpoint)
         if role == "scheduler":
-            return payloads.scheduler_init(cfg, root.daemon_id)
+            return payloads.scheduler_init(cfg, root.daemon_id, root.endpoint)
         assert slot.model is not None and slot.model_id is not None
         return payloads.worker_init(cfg, slot.model_id, slot.model, root.daemon_id)
 

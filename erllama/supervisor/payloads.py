@@ -4,7 +4,7 @@ Shapes follow docs/ARCHITECTURE.md ("Init payloads"):
 
 * meta: ``{"cache", "daemon_id"}``
 * router: ``{"daemon", "models": [ModelInfo, ...], "endpoint"}``
-* scheduler: ``{"scheduler", "daemon_id"}``
+* scheduler: ``{"scheduler", "daemon_id", "endpoint"}``
 * worker: ``{"model_id", "model" (id filled, model_path resolved), "cache",
   "daemon_id", "supervisor"}``
 """
@@ -40,8 +40,11 @@ def router_init(cfg: Config, models: list[ModelInfo], endpoint: str) -> dict[str
     }
 
 
-def scheduler_init(cfg: Config, daemon_id: str) -> dict[str, Any]:
-    return {"scheduler": builtins(cfg.scheduler), "daemon_id": daemon_id}
+def scheduler_init(cfg: Config, daemon_id: str, endpoint: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"scheduler": builtins(cfg.scheduler), "daemon_id": daemon_id}
+    if endpoint is not None:  # the router's client endpoint (evict / unload go through it)
+        out["endpoint"] = endpoint
+    return out
 
 
 def worker_init(cfg: Config, model_id: str, spec: ModelSpec, daemon_id: str) -> dict[str, Any]:
@@ -132,6 +135,7 @@ def model_view(
         state=state,
         restarts=restarts,
         last_exit=last_exit,
+        keep_alive_s=spec.keep_alive_s,
     )
 
 

@@ -382,8 +382,7 @@ def test_continued_saves_at_absolute_frontiers() -> None:
     h.run()
     lengths = [(j.meta.save_reason, len(unpack_tokens(j.meta.tokens))) for j in h.cache.saves]
     assert lengths == [
-        (SaveReason.COLD, 16),
-        (SaveReason.COLD, 20),  # the prompt's own row (with its logits)
+        (SaveReason.COLD, 20),  # the prompt's own row; the rung at 16 would leave a 4-token batch
         (SaveReason.CONTINUED, 32),
         (SaveReason.CONTINUED, 48),
         (SaveReason.FINISH, 60),
@@ -645,3 +644,13 @@ def test_prefill_only_then_parent_key_resume() -> None:
     assert r.cache_hit_kind == "partial" and r.cache_delta.read == len(prompt)
     assert unpack_tokens(r.generated) == gen
     assert cache.counters["hits_resume"] == 1
+
+
+def test_batch_safe_rungs() -> None:
+    from erllama.workers.engine import batch_safe_rungs
+
+    assert batch_safe_rungs([256, 512, 768], 0, 1024, 128) == [256, 512, 768]
+    assert batch_safe_rungs([256, 512, 768], 0, 860, 128) == [256, 512]  # 92 after 768
+    assert batch_safe_rungs([768], 700, 860, 128) == []  # 68 before, 92 after: both small
+    assert batch_safe_rungs([256, 300, 512], 0, 700, 128) == [256, 512]
+    assert batch_safe_rungs([512], 0, 600, 128) == []  # 88 after the rung

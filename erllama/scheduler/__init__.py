@@ -1,0 +1,1 @@
+"""The memory-pressure scheduler: samplers, a pure hysteresis policy, the supervised process."""

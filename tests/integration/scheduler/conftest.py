@@ -1,0 +1,3 @@
+from tests.support.daemon import daemon_factory
+
+__all__ = ["daemon_factory"]

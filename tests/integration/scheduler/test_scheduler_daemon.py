@@ -1,0 +1,235 @@
+"""The scheduler in a real daemon: a file sampler drives real processes (stub models).
+
+The test writes ``<run_dir>/pressure.json``; the scheduler child samples it every
+``interval_s`` and acts through meta (demote / evict) and the router (evict with
+``release_context``, unload), exactly as under real memory pressure.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import zmq
+
+from erllama.cache.client import MetaClient
+from erllama.protocol.codec import decode_result
+from erllama.protocol.messages import (
+    Complete,
+    CompletionResult,
+    DaemonStatus,
+    ErrorReply,
+    GetCounters,
+    GetDaemonStatus,
+    GetVramInfo,
+    ListModels,
+    LoadModel,
+    ModelInfo,
+    Reply,
+)
+from tests.support.daemon import Daemon, DaemonFactory, RawClient, stub_model, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+INTERVAL_S = 0.2
+PROMPTS = [f"prompt number {i}: " + "lorem ipsum dolor sit amet " * 3 for i in range(6)]
+
+
+def start(
+    daemon_factory: DaemonFactory,
+    tmp_path: Path,
+    *,
+    models: list[dict[str, Any]] | None = None,
+    disk: bool = True,
+    **sched: Any,
+) -> Daemon:
+    tiers: list[dict[str, Any]] = [{"name": "ram", "budget_bytes": 1 << 30}]
+    if disk:
+        tiers.append({"name": "disk", "path": str(tmp_path / "disk"), "budget_bytes": 1 << 30})
+    return daemon_factory(
+        models if models is not None else [stub_model("m1")],
+        cache={"tiers": tiers, "policy": {"min_tokens": 8, "cold_min_tokens": 8}},
+        scheduler={
+            "enabled": True,
+            "pressure_source": "custom",
+            "custom_sampler": "erllama.scheduler.sampler:file_sampler",
+            "interval_s": INTERVAL_S,
+            "high_watermark": 0.85,
+            "low_watermark": 0.75,
+            "min_evict_bytes": 1,
+            **sched,
+        },
+    )
+
+
+def pressure(d: Daemon, used: int, total: int, **extra: Any) -> None:
+    p = d.run_dir / "pressure.json"
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"used": used, "total": total, **extra}))
+    tmp.replace(p)  # the scheduler never reads a half-written file
+
+
+def complete(c: RawClient, prompt: str, model: str = "m1") -> CompletionResult:
+    r = c.call(Complete(model=model, prompt=prompt, options={"response_tokens": 8}), timeout=20)  # type: ignore[arg-type]
+    assert isinstance(r, Reply), r
+    return decode_result(r.result, CompletionResult)
+
+
+def counters(c: RawClient) -> dict[str, int]:
+    r = c.call(GetCounters())
+    assert isinstance(r, Reply), r
+    return decode_result(r.result, dict[str, int])
+
+
+def status(c: RawClient) -> DaemonStatus:
+    r = c.call(GetDaemonStatus())
+    assert isinstance(r, Reply), r
+    return decode_result(r.result, DaemonStatus)
+
+
+def tier(c: RawClient, name: str) -> tuple[int, int]:
+    t = {t.name: t for t in status(c).tiers}[name]
+    return t.rows, t.used_bytes
+
+
+def warm_rows(d: Daemon, c: RawClient, n: int) -> list[CompletionResult]:
+    pressure(d, 0, 1000)
+    out = [complete(c, p) for p in PROMPTS[:n]]
+    wait_until(lambda: tier(c, "ram")[0] >= n, 10, what="rows saved in ram")
+    last, since = (-1, -1), time.monotonic()
+
+    def settled() -> bool:  # saves are asynchronous: wait until none arrived for 0.3 s
+        nonlocal last, since
+        now = tier(c, "ram")
+        if now != last:
+            last, since = now, time.monotonic()
+        return time.monotonic() - since >= 0.3
+
+    wait_until(settled, 10, what="saves settled")
+    return out
+
+
+def log_events(d: Daemon, pattern: str) -> list[str]:
+    return re.findall(pattern, d.log_path.read_text(errors="replace"))
+
+
+def test_actions_fire_in_order_and_stop_at_low(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    d = start(daemon_factory, tmp_path, escalate_after_samples=5)
+    c = d.client()
+    first = warm_rows(d, c, 4)
+    rows, ram_bytes = tier(c, "ram")
+    # total = 4 x the ram rows, used = 0.9: the target (0.15 x total) is 60% of the rows
+    total = 4 * ram_bytes
+    pressure(d, int(0.9 * total), total)
+    wait_until(lambda: counters(c)["rows_demoted"] >= 1, 10, what="a demotion")
+    time.sleep(INTERVAL_S)  # let the plan finish
+    k = counters(c)
+    left, left_bytes = tier(c, "ram")
+    assert 0 < left < rows, "stops once the projected usage is under low"
+    assert ram_bytes - left_bytes >= int(0.15 * total)
+    assert k["workers_evicted"] == 0 and k["models_unloaded"] == 0
+    assert tier(c, "disk")[0] == k["rows_demoted"]
+    st = status(c).scheduler
+    assert st is not None and st["last_ratio"] == pytest.approx(0.9, abs=1e-3)
+    assert st["last_action"]["steps"][0][0] == "ram"
+    # the pressure stays: escalation demotes the rest, then tells the idle worker to evict
+    wait_until(lambda: counters(c)["workers_evicted"] >= 1, 10, what="worker evicted")
+    assert tier(c, "ram")[0] == 0
+    order = log_events(d, r"event=(demote|evict_worker|unload) ")
+    assert order.index("evict_worker") > order.index("demote")
+    # demoted rows are still hits (from disk), with the same output; the context comes back
+    pressure(d, 0, total)
+    again = complete(c, PROMPTS[0])
+    assert again.cache_hit_kind == "exact"
+    assert again.reply == first[0].reply
+    wait_until(lambda: log_events(d, r"event=context_recreated"), 5, what="context re-created")
+    assert counters(c)["rows_demoted"] >= rows
+
+
+def test_evicted_worker_restores_warm(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
+    d = start(daemon_factory, tmp_path, disk=False, evict_tiers=[])
+    c = d.client()
+    first = warm_rows(d, c, 1)[0]
+    pressure(d, 95, 100)
+    wait_until(lambda: counters(c)["workers_evicted"] >= 1, 10, what="worker evicted")
+    assert log_events(d, r"event=release_context released=True")
+    pressure(d, 10, 100)
+    hits = counters(c)["hits_exact"]
+    again = complete(c, PROMPTS[0])
+    assert again.cache_hit_kind == "exact" and again.reply == first.reply
+    assert counters(c)["hits_exact"] == hits + 1
+    assert log_events(d, r"event=context_recreated")
+
+
+def test_pinned_rows_are_never_evicted(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
+    d = start(daemon_factory, tmp_path, disk=False, evict_idle_workers=False)
+    c = d.client()
+    results = warm_rows(d, c, 3)
+    key = results[0].finish_key
+    assert key is not None
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    meta = MetaClient(ctx, f"ipc://{d.run_dir / 'meta.sock'}", "test:1")
+    try:
+        pin = meta.checkout(key)
+        assert pin is not None and pin.row.tier == "ram"
+        pressure(d, 99, 100)  # far above high, for several escalations
+        wait_until(lambda: counters(c)["rows_evicted"] >= 1, 10, what="an eviction")
+        time.sleep(6 * INTERVAL_S)
+        assert meta.lookup_exact(key) is not None
+        assert Path(pin.row.path).exists()
+        meta.checkin(pin.pin_ref)
+    finally:
+        meta.close()
+        ctx.term()
+
+
+def test_oscillation_around_high_is_no_storm(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
+    d = start(daemon_factory, tmp_path, evict_idle_workers=False)
+    c = d.client()
+    warm_rows(d, c, 4)
+    total = 100 * tier(c, "ram")[1]
+    for i in range(20):  # ten crossings of high in four seconds
+        pressure(d, int((0.86 if i % 2 == 0 else 0.84) * total), total)
+        time.sleep(INTERVAL_S)
+    st = status(c).scheduler
+    assert st is not None and st["plans"] == 1, st
+    assert len(log_events(d, r"event=pressure ")) == 1
+
+
+def test_keep_alive_unload_keeps_rows(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
+    spec = {**stub_model("m1"), "keep_alive_s": 0.3}
+    d = start(daemon_factory, tmp_path, models=[spec], evict_tiers=[])
+    c = d.client()
+    first = warm_rows(d, c, 2)
+    rows_before = tier(c, "ram")[0]
+    pressure(d, 95, 100)
+    wait_until(lambda: counters(c)["models_unloaded"] >= 1, 15, what="keep_alive unload")
+    r = c.call(ListModels())
+    assert isinstance(r, Reply) and decode_result(r.result, list[ModelInfo]) == []
+    assert tier(c, "ram")[0] == rows_before, "an unload keeps the model's rows"
+    pressure(d, 10, 100)
+    r = c.call(LoadModel(config=msgspec.to_builtins(spec), model_id="m1"), timeout=30)
+    assert isinstance(r, Reply), r
+    again = complete(c, PROMPTS[0])
+    assert again.cache_hit_kind == "exact" and again.reply == first[0].reply
+
+
+def test_vram_info_is_no_gpu_here(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
+    d = start(daemon_factory, tmp_path)
+    c = d.client()
+    wait_until(lambda: status(c).scheduler is not None, 5, what="a scheduler report")
+    r = c.call(GetVramInfo())
+    st = status(c).scheduler
+    assert st is not None
+    if st["vram"] is None:  # this machine has no GPU (or no NVML)
+        assert isinstance(r, ErrorReply) and r.code == "no_gpu"
+        assert len(log_events(d, r"event=sampler_disabled name=nvml")) == 1
+    else:
+        assert isinstance(r, Reply)
