@@ -9,10 +9,13 @@ Verbs::
     erllama complete ID PROMPT [--max-tokens N] [--temperature T] [--seed S] [--stop STR ...]
     erllama status                                     models, phases, cache tiers and budgets
     erllama counters                                   one "name value" line per counter
+    erllama keys DIR [--name NAME ...]                 CURVE key pairs for TCP endpoints
 
 Every verb takes ``--endpoint`` (for ``serve``, the endpoint to bind; for the
 others, the one to reach: default ``$ERLLAMA_ENDPOINT``, else the endpoint a
-plain ``erllama serve`` binds); the client verbs also take ``--timeout``.
+plain ``erllama serve`` binds); the client verbs also take ``--timeout`` and,
+for a ``tcp://`` endpoint with CURVE, ``--curve-server-key`` and
+``--curve-secret-key`` (key files written by ``erllama keys``).
 
 Output is the product here, so this module writes to stdout/stderr
 directly. Errors print ``error: <code>: <message>`` on stderr and exit 1;
@@ -121,7 +124,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # ================================================================ client verbs
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.endpoint, timeout=args.timeout)
+    try:
+        return Client(
+            args.endpoint,
+            timeout=args.timeout,
+            curve_server_key=args.curve_server_key,
+            curve_secret_key=args.curve_secret_key,
+        )
+    except (OSError, ValueError) as exc:
+        raise CliError("bad_key", str(exc)) from None
 
 
 def _model_table(path: Path) -> dict[str, Any]:
@@ -257,6 +268,17 @@ def _status_text(st: DaemonStatus, out: TextIO) -> None:
         _table(("TIER", "USED", "BUDGET", "USE", "ROWS", "PATH"), rows, out)
     else:
         out.write("no cache tiers reported\n")
+    sched = st.scheduler
+    if sched is not None:  # the memory-pressure scheduler's last sample and action
+        ratio = sched.get("last_ratio")
+        action = sched.get("last_action") or {}
+        out.write(
+            f"\nscheduler: source={sched.get('pressure_source')} "
+            f"ratio={'-' if ratio is None else f'{ratio:.3f}'} "
+            f"high={sched.get('high_watermark')} low={sched.get('low_watermark')} "
+            f"decision={sched.get('last_decision')} plans={sched.get('plans')} "
+            f"last_freed={action.get('bytes_freed', 0)}\n"
+        )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -271,6 +293,19 @@ def cmd_counters(args: argparse.Namespace) -> int:
         counters = c.counters()
     for name in sorted(counters):
         _out(f"{name} {counters[name]}\n")
+    return EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from erllama.protocol.auth import create_key_pair, public_key
+
+    for name in args.name or ["server", "client"]:
+        try:
+            public, secret = create_key_pair(args.dir, name)
+        except OSError as exc:
+            raise CliError("bad_key", str(exc)) from None
+        key = public_key(str(public)).decode("ascii")
+        _out(f"{name} public_key={key} public={public} secret={secret}\n")
     return EXIT_OK
 
 
@@ -306,6 +341,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SECONDS",
         help="give up after this many seconds (default: wait for the answer)",
+    )
+    conn.add_argument(
+        "--curve-server-key",
+        metavar="KEY",
+        help="tcp:// with CURVE: the server's public key (z85) or its .key file",
+    )
+    conn.add_argument(
+        "--curve-secret-key",
+        metavar="FILE",
+        help="tcp:// with CURVE: this client's .key_secret file (its public key must be "
+        "in the daemon's curve_authorized_dir)",
     )
 
     p = sub.add_parser("serve", help="run the daemon in the foreground", parents=[endpoint])
@@ -347,6 +393,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("counters", help="the cache counters", parents=[conn])
     p.set_defaults(fn=cmd_counters)
+
+    p = sub.add_parser(
+        "keys",
+        help="make CURVE key pairs (NAME.key public, NAME.key_secret secret) in DIR",
+    )
+    p.add_argument("dir", metavar="DIR", help="where to write them (created 0700)")
+    p.add_argument(
+        "--name",
+        action="append",
+        help="a key pair's name (repeatable; default: server and client)",
+    )
+    p.set_defaults(fn=cmd_keys)
     return parser
 
 

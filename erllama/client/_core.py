@@ -36,6 +36,7 @@ from typing import Any, Generic, Literal, TypeVar
 import msgspec
 import zmq
 
+from erllama.protocol.auth import ClientCurve
 from erllama.protocol.codec import Decoder, decode_result, encode, peek_request_id
 from erllama.protocol.errors import (
     DaemonUnavailableError,
@@ -43,10 +44,14 @@ from erllama.protocol.errors import (
     ErrorCode,
     InvalidRequestError,
     ProtocolError,
+    RequestTimeoutError,
     error_for,
 )
 from erllama.protocol.messages import (
+    MAX_ADAPTER_SCALE,
     TERMINAL_REPLIES,
+    AdapterInfo,
+    ApplyChatTemplate,
     CacheDelta,
     CacheHit,
     Cancel,
@@ -56,14 +61,18 @@ from erllama.protocol.messages import (
     DaemonStatus,
     Detokenize,
     DoneEvent,
+    Embed,
     ErrorReply,
     Evict,
     GetCounters,
     GetDaemonStatus,
     GetModelInfo,
     GetStatusRow,
+    GetVramInfo,
+    ListAdapters,
     ListCachedPrefixes,
     ListModels,
+    LoadAdapter,
     LoadModel,
     ModelInfo,
     ModelStatus,
@@ -72,6 +81,7 @@ from erllama.protocol.messages import (
     QueueDepth,
     Reply,
     RequestOptions,
+    SetAdapterScale,
     ShutdownModel,
     Stats,
     StatusRow,
@@ -82,6 +92,9 @@ from erllama.protocol.messages import (
     ToolCallDelta,
     ToolCallEnd,
     Unload,
+    UnloadAdapter,
+    Verify,
+    VerifyResult,
 )
 from erllama.protocol.sockets import LINGER_MS, MAX_MESSAGE_BYTES, default_client_endpoint
 from erllama.protocol.tokens import pack_tokens, unpack_tokens
@@ -96,6 +109,11 @@ DEFAULT_CONNECT_TIMEOUT_S = 5.0
 MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 
 OPTION_NAMES: tuple[str, ...] = tuple(RequestOptions.__struct_fields__)
+
+# draft_tokens (REFERENCE §1.2): upstream's facade waits 30 s for the draft, then cancels
+DRAFT_TIMEOUT_S = 30.0
+DRAFT_DEFAULT_TOKENS = 64
+_K_MAX = 2**31 - 1  # verify's k: K' = min(k, len(candidates)), so a larger k means the same
 
 EventKind = Literal[
     "token", "thinking_delta", "thinking_end", "tool_call_delta", "tool_call_end", "done", "error"
@@ -156,7 +174,8 @@ class Completion:
     Attributes:
         reply: the generated text, cut at the matched stop string.
         generated: tokens produced by this request (EOG and stop tokens included).
-        context_tokens: prompt + generated tokens.
+        context_tokens: prompt + generated tokens: exactly what is in the model's KV, so
+            with thinking markers it also holds the thinking tokens ``generated`` leaves out.
         committed_tokens: ``len(context_tokens)``.
         finish_key: key of the full context if the finish save landed, else None.
         cache_hit_kind: ``exact``, ``partial``, ``cold`` or ``sticky``.
@@ -298,6 +317,70 @@ def _pack(tokens: Sequence[int]) -> bytes:
     return pack_tokens(tokens)
 
 
+CHAT_REQUEST_KEYS = ("messages", "system", "tools")
+
+
+def chat_request(request: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of ``ApplyChatTemplate`` from an ``apply_chat_template`` request.
+
+    Only the shape is checked here; the worker checks roles and contents (a non-string role
+    or content is ``invalid_content`` there, REFERENCE D13).
+
+    Raises:
+        InvalidRequestError: ``badarg`` for a request that is not a map, an unknown key, or
+            ``messages`` / ``tools`` that are not lists of maps, or a ``system`` that is not a
+            string; ``invalid_content`` for values that cannot be sent at all.
+    """
+
+    def badarg(message: str) -> InvalidRequestError:
+        return InvalidRequestError(message, code=ErrorCode.BADARG)
+
+    if not isinstance(request, Mapping):
+        raise badarg(f"request must be a dict, not {type(request).__name__}")
+    unknown = sorted(str(k) for k in request if k not in CHAT_REQUEST_KEYS)
+    if unknown:
+        raise badarg(f"unknown key(s) {', '.join(unknown)}; valid: {', '.join(CHAT_REQUEST_KEYS)}")
+
+    def maps(name: str, value: object) -> list[dict[str, Any]]:
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+            raise badarg(f"{name} must be a list of dicts, not {type(value).__name__}")
+        out = []
+        for i, item in enumerate(value):
+            if not isinstance(item, Mapping):
+                raise badarg(f"{name}[{i}] must be a dict, not {type(item).__name__}")
+            out.append(dict(item))
+        return out
+
+    if "messages" not in request:
+        raise badarg("request needs messages: [{role, content}, ...]")
+    fields: dict[str, Any] = {"messages": maps("messages", request["messages"])}
+    system = request.get("system")
+    if system is not None and not isinstance(system, str):
+        raise badarg(f"system must be a str, not {type(system).__name__}")
+    fields["system"] = system
+    tools = request.get("tools")
+    fields["tools"] = None if tools is None else maps("tools", tools)
+    try:
+        msgspec.msgpack.encode(fields)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidRequestError(
+            f"the chat request cannot be sent: {exc}", code=ErrorCode.INVALID_CONTENT
+        ) from None
+    return fields
+
+
+def _check_scale(scale: object) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or scale != scale:
+        raise InvalidRequestError(
+            f"scale must be a finite number, not {scale!r}", code=ErrorCode.BADARG
+        )
+    if abs(scale) > MAX_ADAPTER_SCALE:
+        raise InvalidRequestError(
+            f"scale must be within +-{MAX_ADAPTER_SCALE:g}, not {scale!r}", code=ErrorCode.BADARG
+        )
+    return float(scale)
+
+
 # ================================================================ result parsers
 def _ignore(raw: msgspec.Raw) -> None:
     return None
@@ -332,6 +415,10 @@ def _parse_tokens(raw: msgspec.Raw) -> list[int]:
         except InvalidRequestError as exc:
             raise ProtocolError(f"bad token payload: {exc.message}") from None
     return value
+
+
+def _parse_adapters(raw: msgspec.Raw) -> list[dict[str, Any]]:
+    return [{"handle": a.handle, "scale": a.scale} for a in _decode(raw, list[AdapterInfo])]
 
 
 def completion_from(result: CompletionResult, request_id: str = "") -> Completion:
@@ -377,11 +464,17 @@ def daemon_gone(endpoint: str) -> DaemonUnavailableError:
 class ClientCore:
     """Configuration and every IO-free step shared by the two clients."""
 
-    def __init__(self, endpoint: str | None, timeout: float | Timeout | None) -> None:
+    def __init__(
+        self,
+        endpoint: str | None,
+        timeout: float | Timeout | None,
+        curve: ClientCurve | None = None,
+    ) -> None:
         if endpoint is not None and not isinstance(endpoint, str):
             raise TypeError(f"endpoint must be a str or None, not {type(endpoint).__name__}")
         self.endpoint = endpoint if endpoint is not None else default_client_endpoint()
         self.timeout = Timeout.coerce(timeout)
+        self.curve = curve  # CURVE keys for a tcp:// endpoint (protocol/auth.py)
         self.decoder: Decoder[Any] = Decoder(ClientReply)
 
     # ---------------------------------------------------------------- sockets
@@ -400,9 +493,10 @@ class ClientCore:
                     code=ErrorCode.DAEMON_UNAVAILABLE,
                 )
 
-    @staticmethod
-    def configure(sock: zmq.Socket[Any]) -> None:
+    def configure(self, sock: zmq.Socket[Any]) -> None:
         """Options of the client's DEALER (set before connect)."""
+        if self.curve is not None:
+            self.curve.apply(sock)
         sock.setsockopt(zmq.LINGER, LINGER_MS)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         # queue nothing for a daemon that is not there: a send waits for the
@@ -581,6 +675,9 @@ class ClientCore:
     def counters(self) -> Call[dict[str, int]]:
         return Call(GetCounters(request_id=new_request_id()), _parser(dict[str, int]))
 
+    def vram_info(self) -> Call[dict[str, int]]:
+        return Call(GetVramInfo(request_id=new_request_id()), _parser(dict[str, int]))
+
     def status_row(self, model: str) -> Call[StatusRow]:
         """``phase`` / ``pending_len`` / ``last_cache_hit``: an unknown model reads as idle."""
         model = _check_str("model", model)
@@ -617,6 +714,134 @@ class ClientCore:
 
     def daemon_status(self) -> Call[DaemonStatus]:
         return Call(GetDaemonStatus(request_id=new_request_id()), _parser(DaemonStatus))
+
+    def apply_chat_template(self, model: str, request: Mapping[str, Any]) -> Call[list[int]]:
+        msg = ApplyChatTemplate(
+            request_id=new_request_id(), model=_check_str("model", model), **chat_request(request)
+        )
+        return Call(msg, _parse_tokens)
+
+    def embed(self, model: str, tokens: Sequence[int]) -> Call[list[float]]:
+        msg = Embed(
+            request_id=new_request_id(), model=_check_str("model", model), tokens=_pack(tokens)
+        )
+        return Call(msg, _parser(list[float]))
+
+    def load_adapter(self, model: str, path: str | os.PathLike[str]) -> Call[str]:
+        if not isinstance(path, str | os.PathLike):
+            raise InvalidRequestError(
+                f"path must be a str or a path, not {type(path).__name__}",
+                code=ErrorCode.BADARG,
+            )
+        msg = LoadAdapter(
+            request_id=new_request_id(), model=_check_str("model", model), path=os.fspath(path)
+        )
+        return Call(msg, _parser(str))
+
+    def unload_adapter(self, model: str, handle: str) -> Call[None]:
+        msg = UnloadAdapter(
+            request_id=new_request_id(),
+            model=_check_str("model", model),
+            handle=_check_str("handle", handle),
+        )
+        return Call(msg, _ignore)
+
+    def set_adapter_scale(self, model: str, handle: str, scale: float) -> Call[None]:
+        msg = SetAdapterScale(
+            request_id=new_request_id(),
+            model=_check_str("model", model),
+            handle=_check_str("handle", handle),
+            scale=_check_scale(scale),
+        )
+        return Call(msg, _ignore)
+
+    def list_adapters(self, model: str) -> Call[list[dict[str, Any]]]:
+        msg = ListAdapters(request_id=new_request_id(), model=_check_str("model", model))
+        return Call(msg, _parse_adapters)
+
+    # ---------------------------------------------------------------- speculative decoding
+    # draft_tokens is client-side, over infer, as upstream's facade does it (workers/speculative.py)
+    draft_timeout_s: float = DRAFT_TIMEOUT_S
+
+    def draft_tokens(self, model: str, prefix: Sequence[int], max_tokens: object) -> Complete:
+        """The greedy ``infer`` of a draft: ``response_tokens = max_tokens`` (64 if None).
+
+        Raises:
+            InvalidRequestError: ``empty_prefix``; ``badarg`` for ``max_tokens <= 0``;
+                ``bad_request`` for a ``max_tokens`` that is not an int.
+        """
+        tokens = _pack(prefix)
+        if not tokens:
+            raise InvalidRequestError("the prefix is empty", code=ErrorCode.EMPTY_PREFIX)
+        if max_tokens is None:
+            n = DRAFT_DEFAULT_TOKENS
+        elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+            raise InvalidRequestError(
+                f"max must be an int or None, not {type(max_tokens).__name__}",
+                code=ErrorCode.BAD_REQUEST,
+            )
+        elif max_tokens <= 0:
+            raise InvalidRequestError(f"max must be > 0, got {max_tokens}", code=ErrorCode.BADARG)
+        else:
+            n = min(max_tokens, _K_MAX)
+        return Complete(
+            request_id=new_request_id(),
+            model=_check_str("model", model),
+            mode="infer",
+            tokens=tokens,
+            options=RequestOptions(response_tokens=n),
+        )
+
+    @staticmethod
+    def draft_event(msg: Msg, tokens: list[int]) -> bool:
+        """Fold one reply of a draft into ``tokens`` (every token id); True at its end.
+
+        Raises:
+            ErllamaError: the draft's ``error`` event, mapped.
+            ProtocolError: a plain ``Reply`` answered the stream.
+        """
+        if isinstance(msg, TokenEvent):
+            tokens.append(msg.token_id)
+            return False
+        if isinstance(msg, DoneEvent):
+            return True
+        if isinstance(msg, ThinkingDelta | ThinkingEnd | ToolCallDelta | ToolCallEnd):
+            return False
+        if isinstance(msg, ErrorReply):
+            raise raise_for_error(msg)
+        raise ProtocolError(f"unexpected {type(msg).__name__} in a draft", code=ErrorCode.MALFORMED)
+
+    def draft_timeout(self) -> RequestTimeoutError:
+        return RequestTimeoutError(
+            f"draft_tokens got no done within {self.draft_timeout_s:g} s (the draft is cancelled)",
+            code=ErrorCode.TIMEOUT,
+        )
+
+    def verify(
+        self, model: str, prefix: Sequence[int], candidates: Sequence[int], k: object
+    ) -> Call[tuple[int, int | Literal["eos"]]]:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise InvalidRequestError(
+                f"k must be an int, not {type(k).__name__}", code=ErrorCode.BAD_REQUEST
+            )
+        if k <= 0:
+            raise InvalidRequestError(f"k must be > 0, got {k}", code=ErrorCode.BADARG)
+        packed = _pack(prefix)
+        if not packed:
+            raise InvalidRequestError("the prefix is empty", code=ErrorCode.EMPTY_PREFIX)
+        msg = Verify(
+            request_id=new_request_id(),
+            model=_check_str("model", model),
+            prefix=packed,
+            candidates=_pack(candidates),
+            k=min(k, _K_MAX),
+        )
+
+        def parse(raw: msgspec.Raw) -> tuple[int, int | Literal["eos"]]:
+            r = decode_result(raw, VerifyResult)
+            return r.accepted, "eos" if r.eos else r.next_token
+
+        return Call(msg, parse)
 
 
 # ================================================================ deadlines

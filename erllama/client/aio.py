@@ -27,11 +27,12 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import threading
 import warnings
 from collections.abc import Awaitable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import zmq
 import zmq.asyncio
@@ -48,6 +49,7 @@ from erllama.client._core import (
     deadline_after,
     remaining_s,
 )
+from erllama.protocol.auth import client_curve
 from erllama.protocol.errors import (
     DaemonUnavailableError,
     ErllamaError,
@@ -175,6 +177,14 @@ class AsyncClient:
             ``$ERLLAMA_ENDPOINT``, else ``ipc://<run dir>/client.sock``.
         timeout: a ``Timeout``, a number of seconds for every phase, or
             ``None`` for the defaults (no request deadline; 5 s to connect).
+        curve_server_key: for a ``tcp://`` endpoint with CURVE: the server's
+            public key (z85, 40 characters) or its ``.key`` file.
+        curve_secret_key: this client's ``.key_secret`` file (``erllama keys``),
+            or its z85 secret key together with ``curve_public_key``. The
+            public key must be in the daemon's ``curve_authorized_dir``; an
+            unauthorized client gets no reply (``DaemonUnavailableError`` after
+            ``Timeout.connect``).
+        curve_public_key: this client's z85 public key (with a z85 secret key).
 
     The client opens on first use (or on ``async with``) inside a running
     loop, belongs to that loop, and cannot be reused after ``aclose()``.
@@ -187,8 +197,17 @@ class AsyncClient:
                     print(ev.text or "", end="")
     """
 
-    def __init__(self, endpoint: str | None = None, *, timeout: float | Timeout | None = None):
-        self._core = ClientCore(endpoint, timeout)
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout: float | Timeout | None = None,
+        curve_server_key: str | bytes | os.PathLike[str] | None = None,
+        curve_secret_key: str | bytes | os.PathLike[str] | None = None,
+        curve_public_key: str | bytes | None = None,
+    ):
+        curve = client_curve(curve_server_key, curve_secret_key, curve_public_key)
+        self._core = ClientCore(endpoint, timeout, curve)
         self._state = ClientState.UNOPENED
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
@@ -620,6 +639,17 @@ class AsyncClient:
         """
         return await self._call(self._core.counters())
 
+    async def vram_info(self) -> dict[str, int]:
+        """GPU memory summed over every GPU, from the scheduler's NVML sample.
+
+        Returns:
+            ``{total_b, free_b, used_b}``.
+
+        Raises:
+            NotSupportedError: ``no_gpu`` (no GPU, no NVML, or the scheduler is disabled).
+        """
+        return await self._call(self._core.vram_info())
+
     async def phase(self, model: str) -> str:
         """Lock-free phase of a model (``idle`` for an unknown model).
 
@@ -713,6 +743,169 @@ class AsyncClient:
             The ``DaemonStatus``.
         """
         return await self._call(self._core.daemon_status())
+
+    # ======================================================= templates, embeddings, adapters
+    async def apply_chat_template(self, model: str, request: Mapping[str, Any]) -> list[int]:
+        """Render a chat with the model's own template and tokenize it (REFERENCE §1.3).
+
+        Args:
+            model: the model id.
+            request: ``{"messages": [{"role": str, "content": str}, ...], "system": str,
+                "tools": [{"name": str, "description": str, "schema": ...}]}``;
+                ``system`` and ``tools`` are optional and are folded into one leading
+                system message.
+
+        Returns:
+            The prompt tokens (the assistant prefix included, one BOS).
+
+        Raises:
+            InvalidRequestError: ``badarg``, ``invalid_content`` (a role or content that
+                is not a string), ``too_large``, ``tokenize_failed``.
+            NotSupportedError: ``not_supported``, ``no_template`` (the GGUF has none),
+                ``template_failed``.
+        """
+        return await self._call(self._core.apply_chat_template(model, request))
+
+    async def embed(self, model: str, tokens: Sequence[int]) -> list[float]:
+        """The embedding of ``tokens`` (a model loaded with ``context_opts.embeddings``).
+
+        Args:
+            model: the model id.
+            tokens: 1 .. n_batch token ids.
+
+        Returns:
+            ``n_embd`` floats (mean-pooled, not normalised).
+
+        Raises:
+            NotSupportedError: ``not_supported`` (not in embedding mode), ``embed_failed``.
+            InvalidRequestError: ``invalid_token`` (an empty list too),
+                ``context_overflow``, ``batch_overflow``.
+        """
+        return await self._call(self._core.embed(model, tokens))
+
+    async def load_adapter(self, model: str, path: str | os.PathLike[str]) -> str:
+        """Attach a LoRA adapter (a GGUF file on the daemon's host) at scale 1.0.
+
+        Requests admitted afterwards run with it, and their cache rows are keyed by the
+        effective fingerprint of the adapter set (REFERENCE §3.3).
+
+        Args:
+            model: the model id.
+            path: the adapter file (resolved by the worker).
+
+        Returns:
+            An opaque handle.
+
+        Raises:
+            InvalidRequestError: ``enoent``, ``eacces``, ``eisdir`` (detail: the path).
+            ModelLoadError: ``load_failed`` (llama.cpp refused the file).
+            NotSupportedError: ``not_supported`` (the stub backend).
+        """
+        return await self._call(self._core.load_adapter(model, path))
+
+    async def unload_adapter(self, model: str, handle: str) -> None:
+        """Detach an adapter (idempotent: an unknown handle is fine).
+
+        Args:
+            model: the model id.
+            handle: a handle from ``load_adapter``.
+
+        Raises:
+            NotSupportedError: ``not_supported`` (the stub backend).
+        """
+        await self._call(self._core.unload_adapter(model, handle))
+
+    async def set_adapter_scale(self, model: str, handle: str, scale: float) -> None:
+        """Change an adapter's scale; it moves to the end of the list.
+
+        Args:
+            model: the model id.
+            handle: a handle from ``load_adapter``.
+            scale: the new scale (a finite number).
+
+        Raises:
+            UnknownModelError: ``not_found`` (unknown handle).
+            InvalidRequestError: ``badarg`` (a scale that is not a finite number).
+        """
+        await self._call(self._core.set_adapter_scale(model, handle, scale))
+
+    async def list_adapters(self, model: str) -> list[dict[str, Any]]:
+        """The attached adapters, in list order.
+
+        Args:
+            model: the model id.
+
+        Returns:
+            ``[{"handle": str, "scale": float}, ...]`` (``[]`` when none).
+        """
+        return await self._call(self._core.list_adapters(model))
+
+    # ================================================================ speculative decoding
+    async def draft_tokens(
+        self, model: str, prefix: Sequence[int], max: int | None = None
+    ) -> list[int]:
+        """Draft tokens for speculative decoding: one greedy ``infer`` of ``prefix``.
+
+        Every generated token id is collected (also those with no text). If no ``done``
+        arrives within 30 s the draft is cancelled and ``RequestTimeoutError`` is raised
+        (upstream's facade; the client's own timeouts do not apply).
+
+        Args:
+            model: the drafting model's id.
+            prefix: the context tokens.
+            max: how many tokens to draft (``response_tokens``); 64 if None.
+
+        Returns:
+            The draft (may be shorter than ``max``: EOG, the context's end).
+
+        Raises:
+            InvalidRequestError: ``empty_prefix``, ``badarg`` (``max <= 0``),
+                ``invalid_token``, ``context_overflow``.
+            RequestTimeoutError: ``timeout`` (30 s).
+            ErllamaError: the draft's ``error`` event (e.g. ``WorkerCrashedError``).
+        """
+        msg = self._core.draft_tokens(model, prefix, max)
+        rid = await self._start(msg, cancellable=True)
+        deadline = deadline_after(self._core.draft_timeout_s)
+        tokens: list[int] = []
+        done = False
+        try:
+            while True:
+                try:
+                    reply = await self._wait(rid, deadline)
+                except RequestTimeoutError:
+                    raise self._core.draft_timeout() from None
+                done = self._core.is_terminal(reply)
+                if self._core.draft_event(reply, tokens):
+                    return tokens
+        finally:
+            self._forget(rid, cancel=not done)
+
+    async def verify(
+        self, model: str, prefix: Sequence[int], candidates: Sequence[int], k: int
+    ) -> tuple[int, int | Literal["eos"]]:
+        """Check draft ``candidates`` against the model's greedy choices after ``prefix``.
+
+        One forward pass over ``prefix + candidates[:k]`` (REFERENCE §1.6); the model's
+        live KV is left as it was up to the part verify reused (workers/speculative.py).
+
+        Args:
+            model: the verifying model's id; it must be idle (no running or queued request).
+            prefix: the context tokens.
+            candidates: the drafted tokens.
+            k: how many candidates to check (``> 0``; more than ``len(candidates)`` is fine).
+
+        Returns:
+            ``(accepted, next_token)``: the number of leading candidates the model agrees
+            with, and its greedy token after them, or ``"eos"`` for an end of generation.
+
+        Raises:
+            InvalidRequestError: ``badarg`` (``k <= 0``), ``empty_prefix``, ``invalid_token``,
+                ``context_overflow``; ``bad_request`` for a ``k`` that is not an int.
+            ConflictError: ``busy``: a request is running or queued on the model.
+            NotSupportedError: ``not_supported``: the backend cannot verify.
+        """
+        return await self._call(self._core.verify(model, prefix, candidates, k))
 
     # ================================================================ debugging
     def _pending(self) -> list[str]:

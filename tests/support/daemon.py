@@ -232,6 +232,7 @@ class Daemon:
         ready_timeout: float,
         run_dir: Path | None = None,
         wait_ready: bool = True,
+        env: dict[str, str] | None = None,
     ) -> None:
         if run_dir is None:
             self.run_dir, self._own_tmp = _short_dir(tmp_path)
@@ -251,8 +252,10 @@ class Daemon:
         self.seen: list[dict[str, Any]] = []
         self._clients: list[RawClient] = []
         self._known: dict[int, psutil.Process] = {}
+        extra_env = env or {}
         env = {k: v for k, v in os.environ.items() if not k.startswith("ERLLAMA_")}
         env.update({TAG_ENV: self.tag, "PYTHONFAULTHANDLER": "1"})
+        env.update(extra_env)  # e.g. ERLLAMA_TEST_CRASH_AT: the children inherit it
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "erllama.supervisor", "--config", str(self.config_path)],
@@ -407,7 +410,8 @@ def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
     """``daemon_factory(models=[...], supervisor={...}, run_dir=None)`` -> a running Daemon.
 
     ``run_dir`` reuses the run directory of an earlier (dead) daemon;
-    ``wait_ready=False`` returns at once (for daemons expected not to start).
+    ``wait_ready=False`` returns at once (for daemons expected not to start);
+    ``env`` adds variables to the daemon's environment (its children inherit them).
 
     Teardown stops every daemon started (unless the test already did and
     called ``teardown`` itself) and checks that nothing is left.
@@ -420,6 +424,7 @@ def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
         ready_timeout: float = START_TIMEOUT_S,
         run_dir: Path | None = None,
         wait_ready: bool = True,
+        env: dict[str, str] | None = None,
         **sections: dict[str, Any],
     ) -> Daemon:
         config: dict[str, Any] = {
@@ -430,7 +435,14 @@ def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
         }  # fmt: skip
         sub = tmp_path / f"d{len(started)}"
         sub.mkdir()
-        d = Daemon(sub, config, ready_timeout=ready_timeout, run_dir=run_dir, wait_ready=wait_ready)
+        d = Daemon(
+            sub,
+            config,
+            ready_timeout=ready_timeout,
+            run_dir=run_dir,
+            wait_ready=wait_ready,
+            env=env,
+        )
         started.append(d)
         return d
 

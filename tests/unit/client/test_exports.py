@@ -70,6 +70,7 @@ OPERATIONS = {
     "tokenize",
     "detokenize",
     "counters",
+    "vram_info",
     "phase",
     "pending_len",
     "last_cache_hit",
@@ -79,6 +80,14 @@ OPERATIONS = {
     "evict",
     "shutdown",
     "daemon_status",
+    "apply_chat_template",
+    "embed",
+    "load_adapter",
+    "unload_adapter",
+    "set_adapter_scale",
+    "list_adapters",
+    "draft_tokens",
+    "verify",
 }
 
 
@@ -136,10 +145,12 @@ def test_streams_are_twins() -> None:
 def test_constructor_signature() -> None:
     for cls in (erllama.Client, erllama.AsyncClient):
         params = inspect.signature(cls).parameters
-        assert list(params) == ["endpoint", "timeout"]
+        curve = ["curve_server_key", "curve_secret_key", "curve_public_key"]
+        assert list(params) == ["endpoint", "timeout", *curve]
         assert params["endpoint"].default is None
-        assert params["timeout"].kind is inspect.Parameter.KEYWORD_ONLY
-        assert params["timeout"].default is None
+        for name in ("timeout", *curve):  # CURVE keys for tcp:// (docs/OPERATIONS.md)
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
+            assert params[name].default is None
 
 
 def test_result_types() -> None:

@@ -1,0 +1,5 @@
+"""The daemon fixtures for the fault tests (tests/support/daemon.py)."""
+
+from tests.support.daemon import daemon, daemon_factory
+
+__all__ = ["daemon", "daemon_factory"]
