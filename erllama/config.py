@@ -351,9 +351,12 @@ def validate_model_spec(spec: ModelSpec, cache: CacheConfig) -> None:
 
 
 def validate_config(cfg: Config) -> None:
-    from erllama.protocol.auth import check_tcp_settings
+    from erllama.protocol.auth import TcpConfigError, check_tcp_settings
 
-    check_tcp_settings(cfg.daemon)
+    try:
+        check_tcp_settings(cfg.daemon)
+    except TcpConfigError as exc:
+        raise ConfigError(str(exc)) from None
     names = [t.name for t in cfg.cache.tiers]
     if len(names) != len(set(names)):
         raise ConfigError("cache.tiers: each tier name may appear once")

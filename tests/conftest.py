@@ -6,6 +6,7 @@ and the ``conftest.py`` of each area.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 
@@ -46,9 +47,7 @@ def _no_leftover_processes() -> Iterator[None]:
                 descr.append(f"{pid}: {' '.join(psutil.Process(pid).cmdline())[:200]}")
             except psutil.Error:
                 continue
-            try:
+            with contextlib.suppress(psutil.Error):
                 psutil.Process(pid).kill()
-            except psutil.Error:
-                pass
         if descr:
             pytest.fail("test left processes running:\n" + "\n".join(descr))

@@ -38,10 +38,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import zmq
 import zmq.auth
 
-from erllama.config import ConfigError
-
 if TYPE_CHECKING:
     from zmq.auth.thread import ThreadAuthenticator
+
+
+class TcpConfigError(ValueError):
+    """The TCP / CURVE settings are invalid (``config.validate_config`` re-raises it as
+    ``ConfigError``; the protocol package must not import ``config``)."""
+
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +71,16 @@ def tcp_host(endpoint: str) -> str:
     """The host part of ``tcp://host:port`` (brackets of an IPv6 literal removed).
 
     Raises:
-        ConfigError: not a ``tcp://host:port`` endpoint.
+        TcpConfigError: not a ``tcp://host:port`` endpoint.
     """
     if not endpoint.startswith("tcp://"):
-        raise ConfigError(f"daemon.tcp_endpoint must be tcp://host:port, got {endpoint!r}")
+        raise TcpConfigError(f"daemon.tcp_endpoint must be tcp://host:port, got {endpoint!r}")
     rest = endpoint[len("tcp://") :]
     host, sep, port = rest.rpartition(":")
     if not sep or not host or not port:
-        raise ConfigError(f"daemon.tcp_endpoint must be tcp://host:port, got {endpoint!r}")
+        raise TcpConfigError(f"daemon.tcp_endpoint must be tcp://host:port, got {endpoint!r}")
     if ";" in host:  # zmq's "source;destination" form: the bound address is the destination
-        raise ConfigError("daemon.tcp_endpoint: the source;address form is not supported")
+        raise TcpConfigError("daemon.tcp_endpoint: the source;address form is not supported")
     return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
@@ -94,7 +98,7 @@ def check_tcp_settings(daemon: _TcpSettings) -> None:
     """Validate the TCP / CURVE fields of ``DaemonConfig`` (called by ``validate_config``).
 
     Raises:
-        ConfigError: naming the field: a TCP endpoint without CURVE keys and
+        TcpConfigError: naming the field: a TCP endpoint without CURVE keys and
             without ``insecure_loopback``; ``insecure_loopback`` on a host that
             is not loopback; key files or directories that do not exist.
     """
@@ -102,29 +106,31 @@ def check_tcp_settings(daemon: _TcpSettings) -> None:
     curve = (daemon.curve_server_secret_key, daemon.curve_authorized_dir)
     if ep is None:
         if any(curve) or daemon.insecure_loopback:
-            raise ConfigError("daemon: CURVE keys and insecure_loopback need daemon.tcp_endpoint")
+            raise TcpConfigError(
+                "daemon: CURVE keys and insecure_loopback need daemon.tcp_endpoint"
+            )
         return
     host = tcp_host(ep)
     if daemon.insecure_loopback:
         if any(curve):
-            raise ConfigError("daemon.insecure_loopback and CURVE keys exclude each other")
+            raise TcpConfigError("daemon.insecure_loopback and CURVE keys exclude each other")
         if not is_loopback(host):
-            raise ConfigError(
+            raise TcpConfigError(
                 f"daemon.insecure_loopback: refused for {ep}: plain TCP only on a loopback "
                 "address (127.0.0.1, ::1, localhost); use CURVE keys for any other host"
             )
         return
     secret, authorized = curve
     if not secret or not authorized:
-        raise ConfigError(
+        raise TcpConfigError(
             f"daemon.tcp_endpoint {ep} requires CURVE: set daemon.curve_server_secret_key "
             "and daemon.curve_authorized_dir (`erllama keys DIR` makes key pairs), or "
             "daemon.insecure_loopback = true for a loopback address"
         )
     if not os.path.isfile(secret):
-        raise ConfigError(f"daemon.curve_server_secret_key: no file {secret}")
+        raise TcpConfigError(f"daemon.curve_server_secret_key: no file {secret}")
     if not os.path.isdir(authorized):
-        raise ConfigError(f"daemon.curve_authorized_dir: no directory {authorized}")
+        raise TcpConfigError(f"daemon.curve_authorized_dir: no directory {authorized}")
 
 
 # ================================================================ key files
@@ -292,7 +298,7 @@ def bind_tcp(ctx: zmq.Context[Any], sock: zmq.Socket[Any], daemon: _TcpSettings)
     a ZAP authenticator in ``ctx``, or plain TCP on loopback with ``insecure_loopback``.
 
     Raises:
-        ConfigError: the settings are invalid (``check_tcp_settings``).
+        TcpConfigError: the settings are invalid (``check_tcp_settings``).
         zmq.ZMQError: the bind failed.
         OSError, ValueError: the server key file cannot be used.
     """

@@ -441,8 +441,10 @@ def _vram_reply(rid: str, sched: dict[str, Any] | None) -> Msg:
     """``vram_info`` from the scheduler's last NVML sample; ``no_gpu`` without one."""
     vram = sched.get("vram") if sched else None
     if not isinstance(vram, dict):
-        why = "no NVML sample (the scheduler is not running)" if sched is None else (
-            (sched.get("vram_reason") if sched else None) or "no GPU"
+        why = (
+            "no NVML sample (the scheduler is not running)"
+            if sched is None
+            else ((sched.get("vram_reason") if sched else None) or "no GPU")
         )
         return error_reply(rid, ErrorCode.NO_GPU, str(why))
     try:

@@ -25,8 +25,8 @@ import pytest
 
 import erllama
 from erllama.cli import main as cli_main
-from erllama.config import ConfigError, DaemonConfig
-from erllama.protocol.auth import check_tcp_settings, create_key_pair, public_key
+from erllama.config import DaemonConfig
+from erllama.protocol.auth import TcpConfigError, check_tcp_settings, create_key_pair, public_key
 from erllama.protocol.messages import ListModels, Reply
 from tests.support.daemon import REPO, Daemon, DaemonFactory, stub_model, write_config
 
@@ -144,10 +144,10 @@ def test_a_key_added_to_the_authorized_dir_works_without_restart(
 def test_plain_tcp_only_with_the_insecure_flag_on_loopback(
     daemon_factory: DaemonFactory, tmp_path: Path
 ) -> None:
-    with pytest.raises(ConfigError, match="requires CURVE"):
+    with pytest.raises(TcpConfigError, match="requires CURVE"):
         check_tcp_settings(DaemonConfig(tcp_endpoint="tcp://127.0.0.1:5555"))
     for host in ("0.0.0.0", "*", "10.1.2.3", "[::]", "example.org"):
-        with pytest.raises(ConfigError, match="insecure_loopback: refused"):
+        with pytest.raises(TcpConfigError, match="insecure_loopback: refused"):
             check_tcp_settings(
                 DaemonConfig(tcp_endpoint=f"tcp://{host}:5555", insecure_loopback=True)
             )
