@@ -148,7 +148,7 @@ def test_constructor_signature() -> None:
         curve = ["curve_server_key", "curve_secret_key", "curve_public_key"]
         assert list(params) == ["endpoint", "timeout", *curve]
         assert params["endpoint"].default is None
-        for name in ("timeout", *curve):  # CURVE keys for tcp:// (docs/OPERATIONS.md)
+        for name in ("timeout", *curve):  # CURVE keys for tcp:// (README, "TCP with CURVE")
             assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
             assert params[name].default is None
 
