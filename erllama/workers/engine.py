@@ -544,10 +544,7 @@ class Engine:
                 req.first_logits = None
             else:
                 tok = sampler.sample()
-            self.backend.decode_one(0, tok, len(self.kv.tokens))
-            self.kv.append(tok)
             req.generated.append(tok)
-            self.tokens_total += 1
             fragment = text.feed(self.backend.token_to_piece(tok))
             req.stop_sequence = text.matched
             done = (
@@ -564,6 +561,11 @@ class Engine:
                         request_id=req.request_id, seq=req.next_seq(), text=fragment, token_id=tok
                     ),
                 )
+            # decode after the token is on its way: the client sees it one decode sooner
+            # (time to first token), and every committed token still ends up in KV (D27)
+            self.backend.decode_one(0, tok, len(self.kv.tokens))
+            self.kv.append(tok)
+            self.tokens_total += 1
             if done:
                 return
             if self.saves.continued_due(req):
