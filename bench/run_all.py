@@ -160,6 +160,8 @@ def with_peer(peer: Any, fn: Callable[[Any], Any]) -> Any:
     """Start ``peer``, run ``fn(peer)``, stop it; ``None`` when the peer is not selected."""
     if peer.name not in SELECTED:
         return None
+    busy = W.GATE.wait()
+    log(f"other jobs busy: {busy:.2f} cores (quiet-gate wait so far {W.GATE.waited_s:.0f}s)")
     t0 = time.perf_counter()
     log(f"starting {peer.name} (load {loadavg()})")
     with peer:
@@ -255,7 +257,9 @@ def md_ttft_vs_length(raw: dict, slow: list[int] | None = None) -> str:
         "the live KV) → an unrelated 48-token prompt (clobbers the live KV) → P (exact hit "
         "restored from the peer's cache) → another unrelated prompt → P + 64 new tokens "
         "(longest-prefix hit; new tokens each time). Cells are medians over all samples. "
-        "llama-server requests are pinned to slot 0 so "
+        "Before each run (and each peer start) the harness waits up to 60 s for other "
+        "processes to use less than 0.3 cores (`workloads.QuietGate`; the busy cores it saw "
+        "are in the raw JSON). llama-server requests are pinned to slot 0 so "
         "that the clobber really replaces its KV (`--cache-ram` then restores it). The floor "
         "is in-process `llama_state_seq_set_data` of a prefilled state + one decode "
         "(erllama's `LlamaBackend`, the worker's own calls: no transport, no lookup, no I/O).\n"
@@ -692,6 +696,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--peers", default=",".join(ALL_PEERS), help=f"comma list of {ALL_PEERS}")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads of every peer")
+    ap.add_argument(
+        "--no-quiet-gate",
+        action="store_true",
+        help="do not wait for other processes to leave the CPU before timed steps",
+    )
     ap.add_argument("--sessions", type=int, default=8)
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--system-tokens", type=int, default=400)
@@ -717,6 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown workloads {sorted(unknown)}; choose from {WORKLOADS}")
     THREADS[0] = args.threads
+    W.GATE.enabled = not args.no_quiet_gate
     SELECTED.clear()
     SELECTED.update(x.strip() for x in args.peers.split(","))
     if SELECTED - set(ALL_PEERS):
