@@ -52,65 +52,30 @@ def _matplotlib() -> Any:
     return plt
 
 
-# (peer key in the raw data, measurement, label, style)
+LCP, LCPC, SRV, ERL = (
+    "llama-cpp-python",
+    "llama-cpp-python + LlamaRAMCache",
+    "llama-server",
+    "erllama",
+)
+GRAY, BROWN, BLUE, RED, BLACK = "tab:gray", "tab:brown", "tab:blue", "tab:red", "black"
+
+# (peer key in the raw data, measurement, label, color, line style, marker)
 SERIES = [
-    (
-        "llama-cpp-python",
-        "cold",
-        "llama-cpp-python: cold",
-        dict(color="tab:gray", ls="-", marker="o"),
-    ),
-    (
-        "llama-cpp-python",
-        "live",
-        "llama-cpp-python: exact (live KV)",
-        dict(color="tab:gray", ls=":", marker="o"),
-    ),
-    (
-        "llama-cpp-python + LlamaRAMCache",
-        "restored",
-        "llama-cpp-python + LlamaRAMCache: exact (restored)",
-        dict(color="tab:brown", ls="--", marker="v"),
-    ),
-    (
-        "llama-server",
-        "restored",
-        "llama-server: exact (--cache-ram restore)",
-        dict(color="tab:blue", ls="--", marker="s"),
-    ),
-    (
-        "llama-server",
-        "live",
-        "llama-server: exact (live slot)",
-        dict(color="tab:blue", ls=":", marker="s"),
-    ),
-    (
-        "llama-server",
-        "prefix",
-        "llama-server: prefix +64",
-        dict(color="tab:blue", ls="-.", marker="s"),
-    ),
-    ("erllama", "cold", "erllama: cold", dict(color="tab:red", ls="-", marker="D")),
-    (
-        "erllama",
-        "restored",
-        "erllama: exact (restored from ram tier)",
-        dict(color="tab:red", ls="--", marker="D"),
-    ),
-    ("erllama", "live", "erllama: exact (live KV)", dict(color="tab:red", ls=":", marker="D")),
-    ("erllama", "prefix", "erllama: prefix +64 (trie)", dict(color="tab:red", ls="-.", marker="D")),
-    (
-        "floor",
-        "exact",
-        "floor: set_data + 1 decode (in-process)",
-        dict(color="black", ls="--", marker="x"),
-    ),
-    (
-        "floor",
-        "prefix",
-        "floor: set_data + 64 tokens (in-process)",
-        dict(color="black", ls="-.", marker="x"),
-    ),
+    (LCP, "cold", "llama-cpp-python: cold", GRAY, "-", "o"),
+    (LCP, "live", "llama-cpp-python: exact (live KV, kept logits: no decode)", GRAY, ":", "o"),
+    (LCPC, "restored", "llama-cpp-python + LlamaRAMCache: exact (restored)", BROWN, "--", "v"),
+    (SRV, "cold", "llama-server: cold", BLUE, "-", "s"),
+    (SRV, "restored", "llama-server: exact (--cache-ram restore)", BLUE, "--", "s"),
+    (SRV, "live", "llama-server: exact (live slot)", BLUE, ":", "s"),
+    (SRV, "prefix", "llama-server: prefix +64", BLUE, "-.", "s"),
+    (ERL, "cold", "erllama: cold", RED, "-", "D"),
+    (ERL, "restored", "erllama: exact (restored from the ram tier)", RED, "--", "D"),
+    (ERL, "live", "erllama: exact (live KV)", RED, ":", "D"),
+    (ERL, "prefix", "erllama: prefix +64 (trie)", RED, "-.", "D"),
+    ("floor", "exact", "floor: set_data + 1 decode (in process)", BLACK, "--", "x"),
+    ("floor", "exact_logits", "floor: set_data + stored logits (in process)", BLACK, ":", "+"),
+    ("floor", "prefix", "floor: set_data + prefill 64 (in process)", BLACK, "-.", "x"),
 ]
 
 
@@ -124,7 +89,7 @@ def plot(raw_path: Path, out: Path) -> Path | None:
     raw = json.loads(raw_path.read_text())
     peers = raw["peers"]
     fig, ax = plt.subplots(figsize=(13, 6.5), dpi=110)
-    for key, kind, label, style in SERIES:
+    for key, kind, label, color, ls, marker in SERIES:
         data = peers.get(key)
         if not data:
             continue
@@ -135,7 +100,7 @@ def plot(raw_path: Path, out: Path) -> Path | None:
                 xs.append(int(n))
                 ys.append(statistics.median(vals) * 1e3)
         if xs:
-            ax.plot(xs, ys, label=label, lw=1.6, ms=5, **style)
+            ax.plot(xs, ys, label=label, lw=1.6, ms=5, color=color, ls=ls, marker=marker)
     ax.set_xscale("log", base=2)
     lengths = sorted({int(n) for d in peers.values() for n in d})
     ax.set_xticks(lengths)
