@@ -3,8 +3,9 @@
 Usage (from the repository root)::
 
     bench/build_llama_server.sh                  # once: builds llama-server into bench/.cache
-    .venv/bin/python bench/run_all.py            # the whole suite, ~25-30 min on 2 cores
-    .venv/bin/python bench/run_all.py --quick    # smoke test: 1 run, short prompts, ~3 min
+    .venv/bin/python bench/run_all.py            # the whole suite, ~15 min on 2 quiet cores
+    .venv/bin/python bench/run_all.py --quick    # smoke test: 1 run, short prompts, ~2 min
+    .venv/bin/python bench/run_all.py --render   # rewrite tables + plot from results/raw/
     .venv/bin/python bench/run_all.py --only chat,recovery
 
 Writes ``bench/results/<workload>.md`` (tables with machine info),
@@ -115,8 +116,9 @@ def machine_md(info: dict[str, Any], load: dict[str, str] | None = None) -> str:
     extra = ""
     if load:
         extra = (
-            f"Load average (1/5/15 min) at the start of this workload: {load.get('start')}, "
-            f"at its end: {load.get('end')} (other jobs shared these cores)."
+            f"Load average (1/5/15 min) when this workload started: {load.get('start')}; "
+            f"when it ended: {load.get('end')} (this benchmark's own processes included; "
+            "other jobs shared these cores)."
         )
     return (
         "Machine: "
@@ -410,8 +412,9 @@ def md_chat(raw: dict) -> str:
     )
     out.append(
         "| peer | turn 0, session 0 (cold) | turn 0, sessions 1.. (shared system prompt) | "
-        "later turns, median | later turns, p90 | whole workload (s) | cache hits reported |\n"
-        "|---|---:|---:|---:|---:|---:|---|\n"
+        "later turns, median | later turns, p90 | later turns, mean | whole workload (s) "
+        "| cache hits reported |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---|\n"
     )
     for name, s in sums.items():
         if name == "erllama":
@@ -424,7 +427,20 @@ def md_chat(raw: dict) -> str:
             hits = ""
         out.append(
             f"| {name} | {ms(s['turn0_first'])} | {ms(s['turn0_others'])} | {ms(s['later'])} | "
-            f"{ms(s['later_p90'])} | {s['total']:.1f} | {hits} |\n"
+            f"{ms(s['later_p90'])} | {ms(s['later_mean'])} | {s['total']:.1f} | {hits} |\n"
+        )
+    turns = {k: W.w2_turn_medians(v) for k, v in peers.items()}
+    n_turns = max((len(t) for t in turns.values()), default=0)
+    out.append(
+        "\nMedian TTFT per turn (turn 0 without session 0):\n\n| peer | "
+        + " | ".join(f"turn {t}" for t in range(n_turns))
+        + " |\n|---|"
+        + "---:|" * n_turns
+        + "\n"
+    )
+    for name, t in turns.items():
+        out.append(
+            f"| {name} | " + " | ".join(ms(t.get(i, float("nan"))) for i in range(n_turns)) + " |\n"
         )
     e = sums.get("erllama")
     if e:

@@ -317,6 +317,15 @@ def w2_chat(
     return {"samples": samples}
 
 
+def w2_turn_medians(raw: dict[str, Any]) -> dict[int, float]:
+    s = raw["samples"]
+    turns = sorted({x["turn"] for x in s})
+    return {
+        t: median([x["ttft_s"] for x in s if x["turn"] == t and (t > 0 or x["session"] > 0)])
+        for t in turns
+    }
+
+
 def w2_summary(raw: dict[str, Any]) -> dict[str, float]:
     s = raw["samples"]
     first = [x["ttft_s"] for x in s if x["turn"] == 0 and x["session"] == 0]
@@ -327,6 +336,7 @@ def w2_summary(raw: dict[str, Any]) -> dict[str, float]:
         "turn0_others": median(t0_rest),
         "later": median(later),
         "later_p90": pct(later, 0.9),
+        "later_mean": statistics.fmean(later) if later else float("nan"),
         "total": sum(x["total_s"] for x in s),
     }
 
