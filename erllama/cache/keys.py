@@ -6,9 +6,16 @@ bytes are the *namespace*; ``PrefixHasher`` seeds one hasher with them and takes
 the hash state at every requested prefix length, so all the keys of a prompt come out of a
 single pass over its tokens.
 
+A quant outside the §3.2 table (llama.cpp's ``tq1_0``, ``mxfp4_moe``, ``q2_k_s``, an
+``ftype_N`` it has no name for, a configured name with a typo) keys under byte 255 with its
+lower-cased name folded into the fingerprint (``quant_namespace``), so every GGUF llama.cpp
+loads is cached, and rows of two such quants never meet. The known names keep upstream's bytes
+and their fingerprint unchanged (REFERENCE §3.2, fixing §11 D20: upstream drops every save
+under 255 because its reader refuses that byte; ``check_quant_byte`` accepts it).
+
 ``KvcError`` lives here (and is re-exported by ``erllama.cache.kvc``) because both the key
-code and the file codec raise it: ``quant_name(255)`` fails with ``unknown_quant_byte`` just
-as parsing a file that carries that byte does.
+code and the file codec raise it: ``check_quant_byte`` fails with ``unknown_quant_byte``
+just as parsing a file that carries an unassigned byte does.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ Namespace = tuple[bytes, int, bytes]
 KEY_BYTES = 32
 FINGERPRINT_BYTES = 32
 CTX_HASH_BYTES = 32
-UNKNOWN_QUANT_BYTE = 255
+OTHER_QUANT_BYTE = 255
+"""The byte of every quant outside ``QUANT_TABLE``; the name goes into the fingerprint."""
+_OTHER_QUANT_TAG = b"erllama.other_quant\0"
 
 QUANT_TABLE: dict[str, int] = {
     "f32": 0,
@@ -95,20 +104,51 @@ class KvcError(ValueError):
 
 
 def quant_byte(name: str) -> int:
-    """The §3.2 byte of a quant name (case-insensitive); 255 for any other name."""
-    return QUANT_TABLE.get(name.lower(), UNKNOWN_QUANT_BYTE)
+    """The §3.2 byte of a quant name (case-insensitive); ``OTHER_QUANT_BYTE`` for any other."""
+    return QUANT_TABLE.get(name.lower(), OTHER_QUANT_BYTE)
+
+
+def quant_namespace(fingerprint: bytes, name: str) -> tuple[bytes, int]:
+    """The (fingerprint, quant byte) pair that keys a model of quant ``name``.
+
+    A §3.2 name: ``fingerprint`` as given and its table byte, exactly upstream's key. Any other
+    name: ``SHA-256("erllama.other_quant\\0" || lower(name) || "\\0" || fingerprint)`` and 255,
+    so two quants outside the table never share a row even when their byte does.
+
+    Raises:
+        KvcError: ``bad_argument`` when the fingerprint is not 32 bytes.
+    """
+    if len(fingerprint) != FINGERPRINT_BYTES:
+        raise KvcError("bad_argument", f"fingerprint is {len(fingerprint)} bytes, not 32")
+    byte = quant_byte(name)
+    if byte != OTHER_QUANT_BYTE:
+        return bytes(fingerprint), byte
+    folded = hashlib.sha256(
+        _OTHER_QUANT_TAG + name.lower().encode("utf-8") + b"\0" + bytes(fingerprint)
+    ).digest()
+    return folded, byte
 
 
 def quant_name(byte: int) -> str:
     """The quant name of a §3.2 byte.
 
     Raises:
-        KvcError: ``unknown_quant_byte`` for 255 or any byte not in the table.
+        KvcError: ``unknown_quant_byte`` for 255 (many names) or any byte not in the table.
     """
     try:
         return _QUANT_NAMES[byte]
     except KeyError:
         raise KvcError("unknown_quant_byte", f"quant byte {byte} has no name") from None
+
+
+def check_quant_byte(byte: int) -> None:
+    """Accept a quant byte read from a file: a §3.2 byte or ``OTHER_QUANT_BYTE``.
+
+    Raises:
+        KvcError: ``unknown_quant_byte`` for a byte the table has not assigned (30..254).
+    """
+    if byte != OTHER_QUANT_BYTE and byte not in _QUANT_NAMES:
+        raise KvcError("unknown_quant_byte", f"quant byte {byte} is not assigned")
 
 
 def fingerprint_mode_byte(mode: str) -> int:

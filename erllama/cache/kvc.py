@@ -50,8 +50,8 @@ from erllama.cache.keys import (
     FINGERPRINT_BYTES,
     FINGERPRINT_MODES,
     KvcError,
+    check_quant_byte,
     make_key_packed,
-    quant_name,
 )
 
 __all__ = [
@@ -193,7 +193,7 @@ def _check_meta(meta: KvcMeta) -> None:
         raise KvcError("bad_argument", "tokens length is not a multiple of 4")
     if meta.fingerprint_mode not in FINGERPRINT_MODES.values():
         raise KvcError("unknown_fingerprint_mode", f"fingerprint_mode {meta.fingerprint_mode}")
-    quant_name(meta.quant)  # a file with an unnamed quant could never be read back (D20)
+    check_quant_byte(meta.quant)  # a file with an unassigned byte could never be read back
     try:
         SaveReason(meta.save_reason)
     except ValueError:
@@ -357,7 +357,7 @@ def _meta_from(fields: tuple[int, ...], tlv: dict[int, bytes]) -> KvcMeta:
         raise KvcError("missing_tlv", ", ".join(missing))
     if mode[0] not in FINGERPRINT_MODES.values():
         raise KvcError("unknown_fingerprint_mode", f"fingerprint_mode {mode[0]}")
-    quant_name(quant[0])
+    check_quant_byte(quant[0])
     return KvcMeta(
         save_reason=SaveReason(fields[3]),
         quant_bits=fields[2],

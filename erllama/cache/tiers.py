@@ -263,7 +263,8 @@ def publish(
     try:
         key = kvc.key()
         prefix = build_prefix(kvc, payload)
-    except KvcError as exc:
+    except KvcError as exc:  # a row this code cannot write is a bug: say so
+        log.warning("event=save_dropped reason=%s detail=%s", exc.code, exc.message)
         return PublishOutcome("dropped", reason=exc.code)
     view = memoryview(payload).cast("B")
     size = len(prefix) + view.nbytes

@@ -40,7 +40,13 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 
-from erllama.cache.keys import FINGERPRINT_MODES, PrefixHasher, make_key, quant_byte
+from erllama.cache.keys import (
+    FINGERPRINT_MODES,
+    OTHER_QUANT_BYTE,
+    PrefixHasher,
+    make_key,
+    quant_namespace,
+)
 from erllama.cache.kvc import KvcMeta, SaveReason
 from erllama.cache.policy import continued_frontier, finish_fires, ladder_lengths
 from erllama.config import ModelSpec, PolicyConfig
@@ -172,11 +178,15 @@ class SeqCache:
         self.cache = cache
         self.policy = policy
         self.kv = kv
-        self.ns = (
-            bytes(info.fingerprint),
-            quant_byte(info.quant_type),
-            bytes(info.ctx_params_hash),
-        )
+        self._quant_type = info.quant_type
+        self.ns = (*quant_namespace(info.fingerprint, info.quant_type), bytes(info.ctx_params_hash))
+        if self.ns[1] == OTHER_QUANT_BYTE:
+            log.info(
+                "event=quant_outside_table quant=%s: keyed under byte %d with the name in the "
+                "fingerprint",
+                info.quant_type,
+                OTHER_QUANT_BYTE,
+            )
         self._hasher = PrefixHasher(*self.ns)
         self._fp_mode = FINGERPRINT_MODES.get(spec.fingerprint_mode, 0)
         self._quant_bits = info.quant_bits
@@ -184,7 +194,7 @@ class SeqCache:
         self._state_format = bytes(getattr(backend, "state_format", b""))
         self._hostname = hostname or socket.gethostname().encode()
         self._version = version
-        self.identity_ok = self.ns[0] != _ZERO32 and self.ns[2] != _ZERO32
+        self.identity_ok = bytes(info.fingerprint) != _ZERO32 and self.ns[2] != _ZERO32
         self.known = KnownKeys()
         self._counters: Counter[str] = Counter()
 
@@ -331,8 +341,9 @@ class SeqCache:
         adapters are attached (REFERENCE §3.3), so their rows never serve another set.
 
         ``identity_ok`` stays that of the base identity (an all-zero base is never saved).
+        A quant outside the §3.2 table is folded into it as at start (``quant_namespace``).
         """
-        self.ns = (bytes(fingerprint), self.ns[1], self.ns[2])
+        self.ns = (*quant_namespace(fingerprint, self._quant_type), self.ns[2])
         self._hasher = PrefixHasher(*self.ns)
 
     # ================================================================ saves

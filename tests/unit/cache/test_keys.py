@@ -16,6 +16,7 @@ from erllama.cache.keys import (
     QUANT_TABLE,
     KvcError,
     PrefixHasher,
+    check_quant_byte,
     ctx_params_hash,
     effective_fingerprint,
     file_fingerprint,
@@ -23,6 +24,7 @@ from erllama.cache.keys import (
     make_key_packed,
     quant_byte,
     quant_name,
+    quant_namespace,
 )
 
 FP = bytes(range(32))
@@ -82,6 +84,37 @@ def test_unknown_quant(byte: int) -> None:
     with pytest.raises(KvcError) as err:
         quant_name(byte)
     assert err.value.code == "unknown_quant_byte"
+
+
+@pytest.mark.parametrize("byte", [30, 200, 254])
+def test_unassigned_quant_bytes_are_refused_on_read(byte: int) -> None:
+    with pytest.raises(KvcError) as err:
+        check_quant_byte(byte)
+    assert err.value.code == "unknown_quant_byte"
+    for ok in [*QUANT_TABLE.values(), 255]:
+        check_quant_byte(ok)
+
+
+def test_known_quants_keep_the_upstream_namespace() -> None:
+    for name, byte in QUANT_TABLE.items():
+        assert quant_namespace(FP, name) == (FP, byte)
+        assert quant_namespace(FP, name.upper()) == (FP, byte)
+
+
+def test_other_quants_fold_their_name_into_the_fingerprint() -> None:
+    names = ["mxfp4_moe", "tq1_0", "tq2_0", "q2_k_s", "ftype_99", "q4_k_n", ""]
+    spaces = {name: quant_namespace(FP, name) for name in names}
+    assert {byte for _, byte in spaces.values()} == {255}
+    assert len({fp for fp, _ in spaces.values()} | {FP}) == len(names) + 1
+    # frozen: a change here orphans every row saved under a quant outside the table
+    assert (
+        spaces["mxfp4_moe"][0] == hashlib.sha256(b"erllama.other_quant\0mxfp4_moe\0" + FP).digest()
+    )
+    assert quant_namespace(FP, "MXFP4_MOE") == spaces["mxfp4_moe"]  # names are case-blind
+    assert quant_namespace(bytes(32), "tq1_0")[0] != quant_namespace(FP, "tq1_0")[0]
+    with pytest.raises(KvcError) as err:
+        quant_namespace(FP[:31], "tq1_0")
+    assert err.value.code == "bad_argument"
 
 
 def test_make_key_golden() -> None:
