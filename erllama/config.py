@@ -108,6 +108,11 @@ class StubOpts(_Section, frozen=True):
     # piece of it that the context ends with (from the start when none), EOS after its
     # end; the sampler's seed plays no part (workers/stub.py). Drives span tests.
     script: str | None = None
+    # LoRA on the stub (workers/stub.py LoraStubBackend): adapter files start with
+    # b"ERLSTUBLORA"; the applied set salts every prediction.
+    lora: bool = False
+    # Every save the writer publishes takes this much longer (a slow disk; stop tests).
+    save_delay_ms: float = 0.0
 
 
 class Markers(_Section, frozen=True):
@@ -161,6 +166,13 @@ class CacheConfig(_Section, frozen=True):
     sweep_interval_s: float = 30.0
     writer_queue_bytes: int = 256 * MIB
     hostname: str | None = None
+    # Evict and shutdown saves (unload, daemon stop, scheduler evict) wait this long for
+    # the save to land (upstream's name and default); one cut by it is counted and logged.
+    evict_save_timeout_ms: int = 30000
+
+    @property
+    def evict_save_timeout_s(self) -> float:
+        return self.evict_save_timeout_ms / 1000.0
 
 
 class SchedulerConfig(_Section, frozen=True):
@@ -366,6 +378,8 @@ def validate_config(cfg: Config) -> None:
         if t.name != "ram" and not t.path:
             raise ConfigError(f"cache.tiers[{t.name}].path is required")
     validate_policy(cfg.cache.policy)
+    if cfg.cache.evict_save_timeout_ms < 0:
+        raise ConfigError("cache.evict_save_timeout_ms must be >= 0")
     s = cfg.scheduler
     if not 0.0 <= s.low_watermark < s.high_watermark <= 1.0:
         raise ConfigError("scheduler watermarks: need 0 <= low_watermark < high_watermark <= 1")

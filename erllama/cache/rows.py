@@ -53,6 +53,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "internal_errors",
     "checkouts_parked",
     "hits_live",  # a worker reused its live KV (no restore needed)
+    "saves_timed_out",  # an evict/shutdown save still unwritten at evict_save_timeout_ms
     # memory-pressure scheduler (REFERENCE §9): every decision is counted
     "rows_evicted",  # rows the scheduler evicted (also in ``evictions``)
     "rows_demoted",  # rows moved into a lower tier instead of evicted (still hits)

@@ -427,7 +427,13 @@ class Client:
         return self._call(self._core.load_model(config, model_id))
 
     def unload(self, model: str) -> None:
-        """Stop a model's worker (no save).
+        """Stop a model's worker, saving its live KV first; returns once it has exited.
+
+        The worker stops admitting (later requests get ``shutting_down``), lets the
+        running request finish (cancelled after ``supervisor.drain_timeout_s``), takes
+        the shutdown save of its live sequence and waits for its queued saves, up to
+        ``cache.evict_save_timeout_ms`` (a save still unwritten then is abandoned and
+        counted in ``saves_timed_out``). Its cache rows stay.
 
         Args:
             model: the model id.

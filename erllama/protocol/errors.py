@@ -12,7 +12,8 @@ Exception tree (catch a family, or ``ErllamaError`` for everything)::
     │   ├── UnknownModelError          model_not_loaded, noproc, not_found
     │   ├── ConflictError              already_loaded, busy, sticky_busy, seq_capacity, conflict
     │   ├── NotSupportedError          not_supported, no_gpu
-    │   └── ModelLoadError             load_failed, malformed_gguf, context_failed, oom, failed
+    │   └── ModelLoadError             load_failed, malformed_gguf, context_failed, oom, failed,
+    │                                  adapter_lost
     ├── WorkerCrashedError             worker_crashed (the model process died mid-request)
     ├── ProtocolError                  unsupported_version, malformed
     ├── InternalError                  internal
@@ -70,6 +71,7 @@ class ErrorCode(enum.StrEnum):
     CONTEXT_FAILED = "context_failed"
     OOM = "oom"
     FAILED = "failed"
+    ADAPTER_LOST = "adapter_lost"  # a restart cannot attach an adapter again (file gone/changed)
     # process / transport
     WORKER_CRASHED = "worker_crashed"
     UNSUPPORTED_VERSION = "unsupported_version"
@@ -194,7 +196,14 @@ ERROR_CLASSES: dict[str, type[ErllamaError]] = {
     },
     **{
         c: ModelLoadError
-        for c in (_C.LOAD_FAILED, _C.MALFORMED_GGUF, _C.CONTEXT_FAILED, _C.OOM, _C.FAILED)
+        for c in (
+            _C.LOAD_FAILED,
+            _C.MALFORMED_GGUF,
+            _C.CONTEXT_FAILED,
+            _C.OOM,
+            _C.FAILED,
+            _C.ADAPTER_LOST,
+        )
     },
     _C.WORKER_CRASHED: WorkerCrashedError,
     _C.UNSUPPORTED_VERSION: ProtocolError,

@@ -541,6 +541,36 @@ class WorkerExited(Msg, frozen=True, tag="worker_exited"):
     reason: str
 
 
+class AdapterRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One attached LoRA adapter as the root keeps it: enough to attach it again."""
+
+    handle: str
+    path: str
+    sha256: bytes  # of the file when it was attached; a restart checks it again
+    scale: float
+
+
+class AdaptersChanged(Msg, frozen=True, tag="adapters_changed"):
+    """Worker -> root: the model's attached adapters after a change, in list order.
+
+    The root keeps the last one per model and puts it in the next incarnation's
+    ``Init`` (``WorkerInit.adapters``), so a restarted worker attaches the same set,
+    under the same handles, before it reports ready. ``next_handle`` is the number the
+    next new handle gets (handles are never reused within a model's life).
+    """
+
+    adapters: list[AdapterRecord] = []
+    next_handle: int = 1
+
+
+class ShutdownSaving(Msg, frozen=True, tag="shutdown_saving"):
+    """Worker -> root, while it stops: the drain is over and its shutdown saves are being
+    written; the root holds its SIGTERM up to ``timeout_s`` longer
+    (``cache.evict_save_timeout_ms``, never more)."""
+
+    timeout_s: float
+
+
 class HoldersDied(Msg, frozen=True, tag="holders_died"):
     """Root -> meta: release every pin and reservation held by these holders."""
 
@@ -558,4 +588,6 @@ ControlMessage = (
     | ModelStateChanged
     | WorkerExited
     | HoldersDied
+    | AdaptersChanged
+    | ShutdownSaving
 )

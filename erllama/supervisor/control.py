@@ -2,7 +2,9 @@
 
 Frame shapes (docs/ARCHITECTURE.md):
 
-* child -> root: ``[child_id, b"ERL1", body]`` (Hello, Ready, StartFailed, Pong)
+* child -> root: ``[child_id, b"ERL1", body]`` (Hello, Ready, StartFailed, Pong;
+  from workers AdaptersChanged, kept in the slot and sent in the next incarnation's
+  Init, and ShutdownSaving, which holds a stopping worker's SIGTERM for its saves)
 * root -> child: ``[child_id, b"ERL1", body]`` (Init, Ping, Stop; ModelStateChanged and
   WorkerExited to the router; HoldersDied to meta)
 * router -> root: ``[b"router", client_id, b"ERL1", body]`` (LoadModel, Unload),
@@ -27,6 +29,7 @@ from erllama.config import ConfigError, ModelSpec, convert_model_spec, validate_
 from erllama.protocol.codec import PROTOCOL_ID, Decoder, encode, error_reply, peek_request_id, reply
 from erllama.protocol.errors import ErrorCode, ProtocolError
 from erllama.protocol.messages import (
+    AdaptersChanged,
     ControlMessage,
     Hello,
     HoldersDied,
@@ -37,6 +40,7 @@ from erllama.protocol.messages import (
     Ping,
     Pong,
     Ready,
+    ShutdownSaving,
     StartFailed,
     Stop,
     Unload,
@@ -107,6 +111,15 @@ class ControlServer:
             log.warning("bad control message from %s dropped: %s", child_id, exc)
             return
         slot = self.root.slots.get(child_id)
+        if isinstance(msg, AdaptersChanged) and slot is not None and slot.is_worker:
+            # kept even when the worker is already gone: it was sent before it died
+            slot.adapters = msg
+            log.info(
+                "event=adapters_recorded model=%s handles=%s",
+                slot.model_id,
+                ",".join(a.handle for a in msg.adapters) or "-",
+            )
+            return
         if slot is None or slot.proc is None:
             log.warning("%s from unknown or dead child %s dropped", type(msg).__name__, child_id)
             return
@@ -133,6 +146,9 @@ class ControlServer:
         elif isinstance(msg, Pong):
             if slot.phase == "ready":
                 self.root.on_pong(slot, msg.active, msg.progress, now)
+        elif isinstance(msg, ShutdownSaving):
+            if slot.is_worker:
+                self.root.on_shutdown_saving(slot, msg.timeout_s, now)
         else:
             log.warning("unexpected %s from %s dropped", type(msg).__name__, child_id)
 
@@ -147,7 +163,7 @@ class ControlServer:
         if role == "scheduler":
             return payloads.scheduler_init(cfg, root.daemon_id, root.endpoint)
         assert slot.model is not None and slot.model_id is not None
-        return payloads.worker_init(cfg, slot.model_id, slot.model, root.daemon_id)
+        return payloads.worker_init(cfg, slot.model_id, slot.model, root.daemon_id, slot.adapters)
 
     # ================================================================ tree ops
     def _on_tree_op(self, waiter: Waiter, body: bytes) -> None:

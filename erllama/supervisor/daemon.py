@@ -10,8 +10,9 @@ Data flow::
                                   |
                                   v
    child sentinels -------> +------------+ <---- control.sock (ROUTER, bound here)
-   (an fd becomes readable  | zmq.Poller |        children: Hello, Ready, StartFailed, Pong
-    when a child exits)     | one loop;  |        router:   [router, client, ERL1, LoadModel|Unload]
+   (an fd becomes readable  | zmq.Poller |        children: Hello, Ready, StartFailed, Pong,
+    when a child exits)     | one loop;  |          AdaptersChanged, ShutdownSaving (workers)
+                            |            |        router:   [router, client, ERL1, LoadModel|Unload]
                             | timeout =  |
                             | next timer | ----> control.sock
                             +------------+        children: Init, Ping, Stop
@@ -37,8 +38,11 @@ model is ready or failed.
 
 Stop (SIGTERM/SIGINT): workers first (``Stop(drain)``, shutdown saves), then
 scheduler, router, meta; each child gets ``Stop``, then SIGTERM after
-``drain_timeout_s``, then SIGKILL of its process group after
-``term_timeout_s``, all clipped to one shared monotonic deadline. Socket
+``drain_timeout_s``, then SIGKILL of its process group after ``term_timeout_s``,
+all clipped to one shared monotonic deadline. A worker that has drained and
+writes its shutdown saves says so (``ShutdownSaving``): its next stage then waits
+up to ``cache.evict_save_timeout_ms`` more (the shared deadline includes it). An
+unload stops its worker the same way. Socket
 files, the pid file and the ram tier dir are removed; the exit code is 0.
 A core child (meta, router, scheduler) that cannot start, or restarts more
 than ``supervisor.max_restarts`` times within ``within_s``, stops the daemon
@@ -436,6 +440,18 @@ class Root:
             slot.stop_stage = "term"
             slot.stop_deadline = now + self.sup.term_timeout_s
 
+    def _save_allowance_s(self, slot: Slot) -> float:
+        """How long a stopping child may spend on its shutdown save after the drain."""
+        return self.cfg.cache.evict_save_timeout_s if slot.is_worker else 0.0
+
+    def on_shutdown_saving(self, slot: Slot, timeout_s: float, now: float) -> None:
+        """A stopping worker drained and writes its shutdown saves: hold the next stage."""
+        if slot.stop_stage not in ("drain", "term"):
+            return
+        wait_s = min(max(0.0, timeout_s), self._save_allowance_s(slot)) + SAVE_EXIT_GRACE_S
+        slot.stop_deadline = max(slot.stop_deadline, now + wait_s)
+        log.info("event=shutdown_saving child=%s wait_s=%.1f", slot.child_id, wait_s)
+
     def _advance_stop(self, slot: Slot, now: float) -> None:
         assert slot.proc is not None
         if slot.stop_stage == "drain":
@@ -469,6 +485,7 @@ class Root:
         self.stop_overall = (
             now
             + self.sup.drain_timeout_s
+            + (self.cfg.cache.evict_save_timeout_s if workers else 0.0)
             + len(self.stop_groups) * (self.sup.term_timeout_s + KILL_GRACE_S)
         )
         self._stop_progress(now)
@@ -481,8 +498,10 @@ class Root:
                 self.stop_groups.pop(0)
                 continue
             remaining = self.stop_overall - now - (len(self.stop_groups) - 1) * KILL_GRACE_S
+            save_s = max(self._save_allowance_s(s) for s in live)
             drain_s = max(
-                MIN_DRAIN_S, min(self.sup.drain_timeout_s, remaining - self.sup.term_timeout_s)
+                MIN_DRAIN_S,
+                min(self.sup.drain_timeout_s, remaining - self.sup.term_timeout_s - save_s),
             )
             for s in live:
                 self.begin_stop(s, now, drain_s)
@@ -497,3 +516,4 @@ class Root:
 
 KILL_GRACE_S = 2.0
 MIN_DRAIN_S = 0.5
+SAVE_EXIT_GRACE_S = 2.0  # after its save deadline a worker closes its sockets and exits

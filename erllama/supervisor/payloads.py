@@ -6,7 +6,8 @@ Shapes follow docs/ARCHITECTURE.md ("Init payloads"):
 * router: ``{"daemon", "models": [ModelInfo, ...], "endpoint"}``
 * scheduler: ``{"scheduler", "daemon_id", "endpoint"}``
 * worker: ``{"model_id", "model" (id filled, model_path resolved), "cache",
-  "daemon_id", "supervisor"}``
+  "daemon_id", "supervisor", "adapters", "adapter_next_handle"}`` (the adapters the
+  worker last reported, attached again by a restarted worker before it is ready)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import msgspec
 
 from erllama.config import Config, ModelSpec
-from erllama.protocol.messages import ModelInfo
+from erllama.protocol.messages import AdaptersChanged, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,24 @@ def scheduler_init(cfg: Config, daemon_id: str, endpoint: str | None = None) -> 
     return out
 
 
-def worker_init(cfg: Config, model_id: str, spec: ModelSpec, daemon_id: str) -> dict[str, Any]:
-    return {
+def worker_init(
+    cfg: Config,
+    model_id: str,
+    spec: ModelSpec,
+    daemon_id: str,
+    adapters: AdaptersChanged | None = None,
+) -> dict[str, Any]:
+    out = {
         "model_id": model_id,
         "model": builtins(spec),
         "cache": builtins(cfg.cache),
         "daemon_id": daemon_id,
         "supervisor": builtins(cfg.supervisor),
     }
+    if adapters is not None:
+        out["adapters"] = builtins(adapters.adapters)
+        out["adapter_next_handle"] = adapters.next_handle
+    return out
 
 
 def resolve_model_path(spec: ModelSpec) -> ModelSpec:

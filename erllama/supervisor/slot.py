@@ -4,7 +4,8 @@ A slot outlives its processes: a restart puts a new ``ChildProcess`` in the
 same slot, and the tracker counts incarnations and restarts across them. A
 worker slot also carries its model (spec, last ``Ready.info``) and the tree
 operations waiting on it (a ``LoadModel`` is answered at ``Ready``, an
-``Unload`` at the exit).
+``Unload`` at the exit) and its LoRA adapters (the last ``AdaptersChanged``,
+re-attached by every later incarnation).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from erllama.config import ModelSpec
-from erllama.protocol.messages import ModelInfo
+from erllama.protocol.messages import AdaptersChanged, ModelInfo
 from erllama.supervisor.child import ChildProcess
 from erllama.supervisor.tree import ChildSpec, ChildState, RestartTracker
 
@@ -44,6 +45,7 @@ class Slot:
     progress: int = -1
     progress_at: float = 0.0
     info: ModelInfo | None = None
+    adapters: AdaptersChanged | None = None  # the worker's last report (Init of a restart)
     last_exit: str | None = None
     start_failed: tuple[str, str] | None = None
     kill_reason: str | None = None

@@ -4,12 +4,21 @@ REFERENCE §1.3 and §3.3:
 
 * ``load_adapter(path)``: SHA-256 of the whole file, ``llama_adapter_lora_init``, attach at
   scale 1.0, re-apply the full set (``llama_set_adapters_lora``), recompute the effective
-  fingerprint. The handle is an opaque string (``lora-<n>``), unique within the worker's
-  life: a restarted worker has no adapters and answers ``not_found`` for old handles.
+  fingerprint. The handle is an opaque string (``lora-<n>``), unique within the model's
+  life (a restart included; a new ``load_model`` starts again at ``lora-1``).
 * ``unload_adapter(handle)``: detach, re-apply, free the adapter; an unknown handle is fine.
 * ``set_adapter_scale(handle, scale)``: ``not_found`` for an unknown handle; the adapter
   moves to the end of the list.
 * ``list_adapters()``: ``[{handle, scale}]`` in list order.
+
+Restarts: every change of the set is also reported (``on_persist(records, next_handle)``;
+the worker sends it to the root as ``AdaptersChanged`` before the op's reply goes out).
+The root puts the last report in the next incarnation's init payload, and ``restore``
+attaches that set again, same handles, scales and order, before the worker reports
+ready: requests held during the reload run with the adapters, under the same effective
+fingerprint, and old handles keep working. A file that is gone or whose SHA-256 changed
+(or that llama.cpp now refuses) is ``adapter_lost``: the worker does not start rather
+than serve other weights under the old name.
 
 Every change of the applied set calls ``on_change(effective_fingerprint)``: the engine
 moves the cache namespace of every later lookup and save to that fingerprint
@@ -33,7 +42,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import itertools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -52,6 +60,7 @@ from erllama.protocol.errors import (
 from erllama.protocol.messages import (
     MAX_ADAPTER_SCALE,
     AdapterInfo,
+    AdapterRecord,
     ListAdapters,
     LoadAdapter,
     Msg,
@@ -141,6 +150,7 @@ class AdapterSet:
         backend: the model; without ``LoraBackend`` every change is ``not_supported``.
         base_fingerprint: the model's base fingerprint (32 bytes).
         on_change: called with the new effective fingerprint after each change of the set.
+        on_persist: called with ``(records(), next_handle)`` after each change of the set.
     """
 
     def __init__(
@@ -148,12 +158,26 @@ class AdapterSet:
         backend: object,
         base_fingerprint: bytes,
         on_change: Callable[[bytes], None],
+        on_persist: Callable[[list[AdapterRecord], int], None] | None = None,
     ) -> None:
         self._backend = backend
         self._base = bytes(base_fingerprint)
         self._on_change = on_change
+        self._on_persist = on_persist
         self._items: list[Attached] = []
-        self._ids = itertools.count(1)
+        self._next_handle = 1
+
+    @property
+    def next_handle(self) -> int:
+        """The number the next new handle gets (``lora-<n>``)."""
+        return self._next_handle
+
+    def records(self) -> list[AdapterRecord]:
+        """The attached set as the root keeps it (``AdaptersChanged``), in list order."""
+        return [
+            AdapterRecord(handle=a.handle, path=a.path, sha256=a.sha256, scale=a.scale)
+            for a in self._items
+        ]
 
     @property
     def fingerprint(self) -> bytes:
@@ -172,6 +196,8 @@ class AdapterSet:
         self._lora().lora_apply([(a.native, a.scale) for a in items])
         self._items = items
         self._on_change(self.fingerprint)
+        if self._on_persist is not None:
+            self._on_persist(self.records(), self._next_handle)
 
     # ------------------------------------------------------------ operations
     def load(self, path: str) -> str:
@@ -181,7 +207,8 @@ class AdapterSet:
             raise InvalidRequestError("path must be a non-empty string", code=ErrorCode.BADARG)
         sha = file_sha256(path)
         native = lora.lora_load(path)
-        item = Attached(f"lora-{next(self._ids)}", path, sha, 1.0, native)
+        item = Attached(f"lora-{self._next_handle}", path, sha, 1.0, native)
+        self._next_handle += 1
         try:
             self._apply([*self._items, item])
         except BaseException:
@@ -216,6 +243,54 @@ class AdapterSet:
         except BaseException:
             self._restore()
             raise
+
+    def restore(self, records: Sequence[AdapterRecord], next_handle: int) -> None:
+        """Attach ``records`` again (a restarted worker, before Ready): same handles, scales
+        and order; later handles continue from ``next_handle``.
+
+        Raises:
+            ModelLoadError: ``adapter_lost``: a file is gone, unreadable, changed (another
+                SHA-256) or refused; nothing is attached then.
+        """
+        self._next_handle = max(self._next_handle, next_handle)
+        if not records:
+            return
+        lora = self._lora()
+        items: list[Attached] = []
+        current: AdapterRecord | None = None
+        try:
+            for current in records:
+                sha = file_sha256(current.path)
+                if sha != current.sha256:
+                    raise ModelLoadError(
+                        f"the file changed since it was attached (sha256 {sha.hex()[:16]}, "
+                        f"was {current.sha256.hex()[:16]})"
+                    )
+                native = lora.lora_load(current.path)
+                scale = check_scale(current.scale)
+                items.append(Attached(current.handle, current.path, current.sha256, scale, native))
+            current = None
+            self._apply(items)
+        except ErllamaError as exc:
+            for a in items:
+                lora.lora_free(a.native)
+            if current is None:  # the set as a whole was refused
+                self._restore()
+            which = (
+                f"adapter {current.handle} ({current.path})"
+                if current is not None
+                else "adapters " + ", ".join(r.handle for r in records)
+            )
+            raise ModelLoadError(
+                f"cannot attach {which} again: {exc.message}",
+                code=ErrorCode.ADAPTER_LOST,
+                detail={"handles": [r.handle for r in records]},
+            ) from None
+        log.info(
+            "event=adapters_restored handles=%s fingerprint=%s",
+            ",".join(a.handle for a in items),
+            self.fingerprint.hex()[:16],
+        )
 
     def entries(self) -> list[AdapterInfo]:
         """``[{handle, scale}]`` in list order (``[]`` on a backend without LoRA)."""

@@ -61,6 +61,8 @@ from erllama.config import ModelSpec, PolicyConfig
 from erllama.protocol.codec import encode_result, error_reply, reply
 from erllama.protocol.errors import ErllamaError, ErrorCode
 from erllama.protocol.messages import (
+    AdapterRecord,
+    AdaptersChanged,
     ApplyChatTemplate,
     CacheHit,
     Cancel,
@@ -76,6 +78,7 @@ from erllama.protocol.messages import (
     PrefillResult,
     Reply,
     ShutdownModel,
+    ShutdownSaving,
     TokenEvent,
     Tokenize,
     Verify,
@@ -98,7 +101,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EVICT_SAVE_TIMEOUT_S = 30.0  # upstream evict_save_timeout_ms
+EVICT_SAVE_TIMEOUT_S = 30.0  # upstream evict_save_timeout_ms (cache.evict_save_timeout_ms)
 
 
 @dataclass(slots=True)
@@ -178,7 +181,11 @@ class Engine:
         inbox: where requests arrive (the IO thread puts, this thread gets).
         cancels: the cancel marks shared with the IO thread.
         drain_timeout_s: a graceful stop cancels the running request after this.
-        flush_timeout_s: how long a stop waits for queued saves.
+        save_timeout_s: how long an evict or shutdown save (a stop) may take to land
+            (``cache.evict_save_timeout_ms``); one still unwritten then is counted
+            (``saves_timed_out``) and logged, and the stop goes on.
+        report: sends one message to the root (``AdaptersChanged``, ``ShutdownSaving``);
+            None: nowhere.
         hostname, version: written into every saved row.
     """
 
@@ -194,7 +201,8 @@ class Engine:
         inbox: SimpleQueue[InboxItem] | None = None,
         cancels: CancelSet | None = None,
         drain_timeout_s: float = 30.0,
-        flush_timeout_s: float = 10.0,
+        save_timeout_s: float = EVICT_SAVE_TIMEOUT_S,
+        report: Callable[[Msg], None] | None = None,
         hostname: bytes = b"",
         version: bytes = b"",
         clock: Callable[[], float] = time.monotonic,
@@ -209,13 +217,20 @@ class Engine:
         self._emit = emit
         self._clock = clock
         self.drain_timeout_s = drain_timeout_s
-        self.flush_timeout_s = flush_timeout_s
+        self.save_timeout_s = save_timeout_s
+        self._report = report
         self.kv = KvState()
         self.saves = SeqCache(
             backend, cache, spec, policy, self.kv, hostname=hostname, version=version
         )
         # LoRA (adapters.py): a change moves the cache namespace and drops the live KV
-        self.adapters = AdapterSet(backend, backend.info.fingerprint, self._adapters_changed)
+        # and every change is reported to the root, which re-attaches the set after a restart
+        self.adapters = AdapterSet(
+            backend,
+            backend.info.fingerprint,
+            self._adapters_changed,
+            on_persist=self._adapters_persist,
+        )
         self.chat = ChatTemplate(backend)
         # thinking / tool-call markers configured: generation goes through spans.py
         self.spans = SpanSetup.for_model(spec, backend)
@@ -257,13 +272,25 @@ class Engine:
             self._dispatch(item, busy=False)
 
     def _shutdown(self) -> None:
-        deadline = self._clock() + self.flush_timeout_s
+        """The shutdown save of the live sequence, and every queued save, within
+        ``save_timeout_s``; what is still unwritten then is counted and logged."""
+        deadline = self._clock() + self.save_timeout_s
         if self.kv.tokens:
             self.saves.save_live(SaveReason.SHUTDOWN, unconditional=True)
+        if self._report is not None:  # the root holds its SIGTERM while we write
+            self._report(ShutdownSaving(timeout_s=self.save_timeout_s))
         if not self.cache.flush(max(0.0, deadline - self._clock())):
-            log.warning("event=save_flush_timeout timeout_s=%.1f", self.flush_timeout_s)
+            self._save_timed_out("shutdown")
         self.saves.send_counters()
         self._set_phase("idle")
+
+    def _save_timed_out(self, what: str) -> None:
+        log.warning(
+            "event=save_timed_out save=%s timeout_ms=%d: the save is abandoned",
+            what,
+            round(self.save_timeout_s * 1000),
+        )
+        self.saves.count("saves_timed_out")
 
     # ================================================================ status
     def push_status(self) -> None:
@@ -361,6 +388,11 @@ class Engine:
         self.saves.set_fingerprint(fingerprint)
         self.saves.clear_kv()
 
+    def _adapters_persist(self, records: list[AdapterRecord], next_handle: int) -> None:
+        """Tell the root the new set (before the op's reply goes out: same IO-thread queue)."""
+        if self._report is not None:
+            self._report(AdaptersChanged(adapters=records, next_handle=next_handle))
+
     def _run_deferred(self) -> None:
         """Adapter ops held back while a request ran, in arrival order."""
         while self._deferred:
@@ -426,8 +458,8 @@ class Engine:
         """Save the live sequence unconditionally; evict (when idle) also frees the KV (D10)."""
         reason = SaveReason.EVICT if isinstance(msg, Evict) else SaveReason.SHUTDOWN
         job = self.saves.save_live(reason, unconditional=True) if self.kv.tokens else None
-        if job is not None:
-            job.done.wait(EVICT_SAVE_TIMEOUT_S)
+        if job is not None and not job.done.wait(self.save_timeout_s):
+            self._save_timed_out(reason.name.lower())
         if reason == SaveReason.EVICT and not busy:
             self.saves.clear_kv()
         self.saves.send_counters()

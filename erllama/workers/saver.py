@@ -202,6 +202,11 @@ class Saver:
             self._thread.start()
 
     @property
+    def alive(self) -> bool:
+        """The writer thread still runs (after ``close``: a write outlived its timeout)."""
+        return self._thread.is_alive()
+
+    @property
     def queued_bytes(self) -> int:
         with self._cond:
             return self._bytes

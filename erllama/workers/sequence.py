@@ -447,6 +447,10 @@ class SeqCache:
         if not job.landed:
             self.known.discard(job.key)
 
+    def count(self, name: str, n: int = 1) -> None:
+        """Add to a counter (sent with the next ``send_counters``)."""
+        self._counters[name] += n
+
     def send_counters(self, extra: Mapping[str, int] | None = None) -> None:
         deltas = Counter(self._counters)
         if extra:

@@ -47,6 +47,13 @@ prefilled tokens; ``idle_fault`` fires it from a thread while the worker idles
 (``raise`` only ends that thread). ``fault_arm_path``: each fault fires only
 while that file exists, and removes it first, so one arming = one fault and a
 restarted worker serves normally (the fault-matrix tests arm it).
+``save_delay_ms``: every save the worker's writer publishes takes this much
+longer (``slow_writer``; a slow disk under a big shutdown save).
+
+LoRA (``spec.stub.lora``, ``LoraStubBackend``): an adapter is any file that
+starts with ``STUB_LORA_MAGIC`` (another file is ``load_failed``, as llama.cpp
+refuses a non-LoRA GGUF); the applied ``(file bytes, scale)`` pairs salt every
+prediction, so output shows which set was applied.
 """
 
 from __future__ import annotations
@@ -58,7 +65,10 @@ import os
 import signal
 import struct
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from erllama.config import ModelSpec
 from erllama.protocol.errors import (
@@ -70,6 +80,9 @@ from erllama.protocol.errors import (
 from erllama.protocol.tokens import pack_tokens
 from erllama.workers.backend import BackendInfo, SamplerOptions
 
+if TYPE_CHECKING:
+    from erllama.workers.saver import SaveJob, Writer
+
 BOS = 1
 EOS = 2
 BYTE_OFFSET = 3
@@ -78,6 +91,7 @@ EOS_TRIGGER = b"<eos>"
 STATE_MAGIC = b"ERLSTUB1"
 LOGITS_MAGIC = b"ERLLOGT1"
 STATE_FORMAT = b"stub-v1"
+STUB_LORA_MAGIC = b"ERLSTUBLORA"
 _PRINTABLE_FIRST = 0x20
 _PRINTABLE_COUNT = 95  # 0x20 .. 0x7e
 # The stub's chat template: "<role>: <content>" lines, then the assistant prefix.
@@ -431,3 +445,63 @@ class StubBackend:
     def close(self) -> None:
         self._stop.set()
         self._hang.set()
+
+
+class _StubAdapter:
+    """A "loaded" stub adapter: the file's bytes."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class LoraStubBackend(StubBackend):
+    """The stub with LoRA (``spec.stub.lora``; see the module docstring)."""
+
+    def __init__(self, spec: ModelSpec, **kwargs: Any) -> None:
+        super().__init__(spec, **kwargs)
+        self._lora_salt = b""
+
+    def lora_load(self, path: str) -> _StubAdapter:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read {path}: {exc}", code=ErrorCode.LOAD_FAILED) from None
+        if not data.startswith(STUB_LORA_MAGIC):
+            raise ModelLoadError(f"{path} is not a stub LoRA", code=ErrorCode.LOAD_FAILED)
+        return _StubAdapter(data)
+
+    def lora_apply(self, adapters: Sequence[tuple[Any, float]]) -> None:
+        self._lora_salt = b"".join(a.data + struct.pack("<d", s) for a, s in adapters)
+
+    def lora_free(self, adapter: Any) -> None:
+        del adapter
+
+    def predict(self, toks: Sequence[int], salt: bytes = b"") -> int:
+        return super().predict(toks, salt + self._lora_salt)
+
+
+class _SlowWriter:
+    """A ``Writer`` whose every publish takes ``delay_s`` longer (``save_delay_ms``)."""
+
+    def __init__(self, inner: Writer, delay_s: float) -> None:
+        self._inner = inner
+        self._delay_s = delay_s
+
+    def write(self, job: SaveJob) -> tuple[str, str]:
+        time.sleep(self._delay_s)  # the slow disk: nothing interrupts it
+        return self._inner.write(job)
+
+    def add_counters(self, deltas: Mapping[str, int]) -> None:
+        self._inner.add_counters(deltas)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def slow_writer(make: Callable[[], Writer], delay_ms: float) -> Callable[[], Writer]:
+    """``make`` with ``save_delay_ms`` added to every write (``make`` itself when 0)."""
+    if delay_ms <= 0:
+        return make
+    return lambda: _SlowWriter(make(), delay_ms / 1000.0)

@@ -37,11 +37,16 @@ Messages in: ``Init``, ``Ping``, ``Stop`` (control); ``Complete``,
 ``[b"", ERL1, WorkerStatus]`` pushes on every phase / queue transition.
 
 Start: handshake (Init), load the backend (a failure -> ``StartFailed(code,
-message)`` and exit 0), connect to ``workers.sock``, push ``WorkerStatus``,
-send ``Ready``. Stop: ``Stop(drain)`` or SIGTERM (the handler only queues a
-StopRequest): stop admitting, let the running request finish (cancelled
-after ``supervisor.drain_timeout_s``), shutdown save of the live sequence,
-flush the saver (bounded by ``supervisor.term_timeout_s``), exit 0. An
+message)`` and exit 0), attach the LoRA adapters the init payload lists (a
+restart: same handles and scales; one that cannot be attached again ->
+``StartFailed(adapter_lost)``), connect to ``workers.sock``, push
+``WorkerStatus``, send ``Ready``. Every change of the adapter set goes to the
+root as ``AdaptersChanged`` (before the op's reply). Stop: ``Stop(drain)`` or
+SIGTERM (the handler only queues a StopRequest): stop admitting, let the
+running request finish (cancelled after ``supervisor.drain_timeout_s``),
+shutdown save of the live sequence and the saves still queued, bounded by
+``cache.evict_save_timeout_ms`` (one cut by it is counted in
+``saves_timed_out`` and logged ``event=save_timed_out``), exit 0. An
 unexpected exception inside a request -> ``internal`` to its client, exit 1
 (the supervisor restarts the worker: the backend state may be corrupt).
 """
@@ -73,14 +78,14 @@ from erllama.config import (
 from erllama.lifecycle import set_parent_death_signal
 from erllama.protocol.codec import encode
 from erllama.protocol.errors import ErllamaError, ErrorCode, ModelLoadError
-from erllama.protocol.messages import ModelInfo, Msg, Ready, StartFailed
+from erllama.protocol.messages import AdapterRecord, ModelInfo, Msg, Ready, StartFailed
 from erllama.protocol.sockets import META_SOCK, ipc_endpoint
 from erllama.workers.backend import ModelBackend
 from erllama.workers.cachelink import MetaCache
 from erllama.workers.engine import CancelSet, Engine, FatalEngineError, InboxItem, StopRequest
 from erllama.workers.iothread import IoThread
 from erllama.workers.saver import Saver, publish_writer_factory
-from erllama.workers.stub import StubBackend
+from erllama.workers.stub import LoraStubBackend, StubBackend, slow_writer
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +104,9 @@ class _WorkerInit(msgspec.Struct, kw_only=True):
     cache: CacheConfig = CacheConfig()
     daemon_id: str = "default"
     supervisor: SupervisorConfig = SupervisorConfig()
+    # the model's LoRA adapters as the root last heard of them (a restart attaches them again)
+    adapters: list[AdapterRecord] = []
+    adapter_next_handle: int = 1
 
 
 def _dist_version(name: str) -> str:
@@ -149,7 +157,8 @@ def load_backend(spec: ModelSpec) -> ModelBackend:
     fp = bytes.fromhex(spec.fingerprint) if spec.fingerprint else None
     ctx_hash = bytes.fromhex(spec.ctx_params_hash) if spec.ctx_params_hash else None
     if spec.backend == "stub":
-        return StubBackend(spec, fingerprint=fp, ctx_params_hash=ctx_hash)
+        cls = LoraStubBackend if spec.stub.lora else StubBackend
+        return cls(spec, fingerprint=fp, ctx_params_hash=ctx_hash)
     from erllama.workers.llama import LlamaBackend
 
     path = spec.model_path or bundled_model_path()
@@ -217,14 +226,17 @@ def main(run_dir: str, child_id: str) -> int:
     pair.bind(pair_endpoint)
     io = IoThread(ctx, run_dir, child_id, pair_endpoint, inbox, cancels)
     io.start()
+    lingering: list[str] = []  # threads that still hold sockets (ctx.term() would hang)
     try:
-        return _run(ctx, pair, io, run_dir, child_id, inbox, cancels)
+        return _run(ctx, pair, io, run_dir, child_id, inbox, cancels, lingering)
     finally:
         to_io(pair, [IoThread.QUIT])
         io.join(10.0)
         pair.close(linger=0)
         if io.is_alive():  # a stuck IO thread keeps its sockets: term() would hang
             log.error("event=io_thread_stuck exiting without closing the context")
+        elif lingering:
+            log.info("exiting without closing the context (%s)", ", ".join(lingering))
         else:
             ctx.term()
 
@@ -252,6 +264,7 @@ def _run(
     child_id: str,
     inbox: SimpleQueue[InboxItem],
     cancels: CancelSet,
+    lingering: list[str],
 ) -> int:
     init = io.wait_init(HANDSHAKE_TIMEOUT_S)
     if init is None:
@@ -289,10 +302,13 @@ def _run(
     from erllama.cache.client import MetaClient
 
     engine_ref: list[Engine] = []
+    make_writer = publish_writer_factory(
+        ctx, meta_endpoint, holder, layout, spec.tier, timeout_s=WRITER_META_TIMEOUT_S
+    )
+    if spec.backend == "stub":
+        make_writer = slow_writer(make_writer, spec.stub.save_delay_ms)
     saver = Saver(
-        publish_writer_factory(
-            ctx, meta_endpoint, holder, layout, spec.tier, timeout_s=WRITER_META_TIMEOUT_S
-        ),
+        make_writer,
         queue_bytes=cfg.cache.writer_queue_bytes,
         on_done=lambda job: engine_ref[0].on_save_done(job) if engine_ref else None,
     )
@@ -300,6 +316,9 @@ def _run(
 
     def emit(client_id: bytes, msg: Msg) -> None:
         to_io(pair, [IoThread.REPLY, client_id, *encode(msg)])
+
+    def report(msg: Msg) -> None:  # to the root; queued before any reply emitted after it
+        to_io(pair, [IoThread.CONTROL, *encode(msg)])
 
     sup = cfg.supervisor
     engine = Engine(
@@ -311,13 +330,21 @@ def _run(
         emit=emit,
         inbox=inbox,
         cancels=cancels,
-        # leave the supervisor's SIGTERM/SIGKILL schedule some slack (Stop, drain, term)
+        # leave the supervisor's SIGTERM/SIGKILL schedule some slack (Stop, drain, term);
+        # the root allows drain_timeout_s + evict_save_timeout_ms before its SIGTERM
         drain_timeout_s=sup.drain_timeout_s * STOP_SLACK,
-        flush_timeout_s=sup.term_timeout_s * STOP_SLACK,
+        save_timeout_s=cfg.cache.evict_save_timeout_s,
+        report=report,
         hostname=(cfg.cache.hostname or "").encode(),
         version=_dist_version("erllama").encode(),
     )
     engine_ref.append(engine)
+    try:  # before Ready: requests held during a restart never run on the base weights
+        engine.adapters.restore(cfg.adapters, cfg.adapter_next_handle)
+    except ErllamaError as exc:
+        cache.close(timeout_s=0.0)
+        backend.close()
+        return _start_failed(pair, exc.code, exc.message)
     saver.start()
     io.attach(engine, backend)
     to_io(pair, [IoThread.CONNECT, model_id.encode()])
@@ -338,8 +365,11 @@ def _run(
     finally:
         io.detach()
         # snapshots already queued are sound even after a fatal error: let them land
-        cache.close(timeout_s=engine.flush_timeout_s if code else 1.0)
+        cache.close(timeout_s=engine.save_timeout_s if code else 1.0)
         backend.close()
+        if saver.alive:  # a write past evict_save_timeout_ms still holds its meta socket
+            log.warning("event=saver_abandoned a save is still being written; exiting anyway")
+            lingering.append("saver")
     if io.crashed:
         code = 1
     log.info("event=exit code=%d", code)

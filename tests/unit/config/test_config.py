@@ -43,6 +43,7 @@ def test_no_config_is_the_bundled_model() -> None:
         ("[[models]]\nid='a'\ntier='disk'\n", "tier"),
         ("[scheduler]\nhigh_watermark=0.5\nlow_watermark=0.6\n", "watermark"),
         ("[cache.policy]\nmin_tokens=0\n", "min_tokens"),
+        ("[cache]\nevict_save_timeout_ms=-1\n", "evict_save_timeout_ms"),
         ("[[models]]\nid='a'\nfingerprint='zz'\n", "fingerprint"),
         ("[[models]]\nid='a'\n[models.context_opts]\nn_seq_max=4\nn_batch=4\n", "n_batch"),
         ("[[models]]\nid='a'\n[[models]]\nid='a'\n", "duplicate"),

@@ -17,6 +17,7 @@ from erllama.protocol.codec import decode_result
 from erllama.protocol.errors import ErllamaError, ErrorCode, ModelLoadError
 from erllama.protocol.messages import (
     AdapterInfo,
+    AdapterRecord,
     DoneEvent,
     ErrorReply,
     ListAdapters,
@@ -289,3 +290,58 @@ def test_stub_has_no_adapters(adapter_file: Path) -> None:
     scale = SetAdapterScale(request_id="c", model="m", handle="x", scale=1.0)
     assert code(h, scale)[0] == "not_supported"
     assert call(h, ListAdapters(request_id="d", model="m")) == []
+
+
+# ================================================================ restarts (the root's record)
+def test_every_change_is_reported_and_restore_rebuilds_the_set(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    a.write_bytes(LORA_MAGIC + b"A")
+    b.write_bytes(LORA_MAGIC + b"B")
+    reports: list[tuple[list[AdapterRecord], int]] = []
+    backend = LoraStub(fakes.stub_spec())
+    base = backend.info.fingerprint
+    old = AdapterSet(backend, base, lambda fp: None, on_persist=lambda r, n: reports.append((r, n)))
+    ha, hb = old.load(str(a)), old.load(str(b))
+    old.set_scale(ha, 0.25)
+    old.unload(hb)
+    assert len(reports) == 4
+    records, next_handle = reports[-1]
+    assert records == [
+        AdapterRecord(handle=ha, path=str(a), sha256=hashlib.sha256(a.read_bytes()).digest(),
+                      scale=0.25)
+    ]  # fmt: skip
+    assert next_handle == 3
+
+    # a restarted worker: a new backend, the record from the init payload
+    fresh = LoraStub(fakes.stub_spec())
+    fps: list[bytes] = []
+    new = AdapterSet(fresh, base, fps.append)
+    new.restore(records, next_handle)
+    assert new.entries() == old.entries() == [AdapterInfo(handle=ha, scale=0.25)]
+    assert new.fingerprint == old.fingerprint == fps[-1] != base
+    assert fresh.applied == [(a.read_bytes(), 0.25)]
+    new.set_scale(ha, 1.0)  # the old handle works
+    assert new.load(str(b)) == "lora-3"  # new handles never reuse an old one
+
+
+@pytest.mark.parametrize("change", ["modified", "removed", "refused"])
+def test_restore_of_a_lost_adapter_is_adapter_lost(tmp_path: Path, change: str) -> None:
+    a = tmp_path / "a.gguf"
+    a.write_bytes(LORA_MAGIC + b"A")
+    rec = AdapterRecord(
+        handle="lora-1", path=str(a), sha256=hashlib.sha256(a.read_bytes()).digest(), scale=1.0
+    )
+    if change == "modified":
+        a.write_bytes(LORA_MAGIC + b"changed")
+    elif change == "removed":
+        a.unlink()
+    backend = LoraStub(fakes.stub_spec())
+    backend.fail_apply = change == "refused"
+    fps: list[bytes] = []
+    aset = AdapterSet(backend, backend.info.fingerprint, fps.append)
+    with pytest.raises(ModelLoadError) as ei:
+        aset.restore([rec], 2)
+    assert ei.value.code == ErrorCode.ADAPTER_LOST
+    assert "lora-1" in ei.value.message
+    assert aset.entries() == [] and fps[-1:] in ([], [backend.info.fingerprint])
+    assert len(backend.freed) == (1 if change == "refused" else 0)

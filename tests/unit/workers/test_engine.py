@@ -29,6 +29,7 @@ from erllama.protocol.messages import (
 )
 from erllama.protocol.tokens import pack_tokens, unpack_tokens
 from erllama.workers.engine import FatalEngineError, StopRequest
+from erllama.workers.saver import SaveJob, SubmitResult
 from erllama.workers.stub import EOS
 from erllama.workers.textstream import TextStream
 
@@ -540,6 +541,47 @@ def test_graceful_stop_rejects_pending_and_saves() -> None:
     h.complete("c", "too late")
     h.run()
     assert h.error("c").code == ErrorCode.SHUTTING_DOWN
+
+
+class StuckCache(FakeCache):
+    """Saves are queued but never written (a disk slower than evict_save_timeout_ms)."""
+
+    def submit_save(self, job: SaveJob) -> SubmitResult:
+        self.saves.append(job)
+        return SubmitResult(True)
+
+    def flush(self, timeout_s: float) -> bool:
+        return not any(not j.done.is_set() for j in self.saves)
+
+
+@pytest.mark.parametrize("how", ["evict", "shutdown_model", "stop"])
+def test_a_save_cut_by_evict_save_timeout_is_counted(how: str) -> None:
+    h = Harness(StuckCache(), policy=PolicyConfig(saves_enabled=False))
+    h.engine.save_timeout_s = 0.05
+    h.complete("r1", P48)
+    h.run()
+    if how == "stop":
+        h.put(StopRequest(drain=True))
+        h.engine.run()
+    else:
+        msg = Evict if how == "evict" else ShutdownModel
+        h.send(msg(request_id="ev", model="m"))
+        h.run()
+        assert isinstance(h.for_request("ev")[0], Reply)  # answered, not hung
+    assert [j.meta.save_reason for j in h.cache.saves] == [
+        SaveReason.EVICT if how == "evict" else SaveReason.SHUTDOWN
+    ]
+    assert h.cache.counters["saves_timed_out"] == 1
+
+
+def test_a_save_within_evict_save_timeout_is_not_counted() -> None:
+    h = Harness(policy=PolicyConfig(saves_enabled=False))
+    h.complete("r1", P48)
+    h.run()
+    h.put(StopRequest(drain=True))
+    h.engine.run()
+    assert h.cache.reasons() == ["shutdown"]
+    assert h.cache.counters["saves_timed_out"] == 0
 
 
 def test_drain_timeout_cancels_running_request() -> None:
