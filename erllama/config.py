@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from erllama import chat_templates
+
 GIB = 1024**3
 MIB = 1024**2
 
@@ -139,6 +141,10 @@ class ModelSpec(_Section, frozen=True):
     tier: TierName = "ram"
     policy: dict[str, int | bool | None] = {}
     default_response_tokens: int = 256
+    # The chat template (erllama/chat_templates.py): None = the GGUF's own, or for a GGUF
+    # without one its architecture's built-in (the bundled Gemma 3 270M: "gemma3"); "gguf";
+    # a built-in name ("gemma3"); a jinja template string; or a path to a template file.
+    chat_template: str | None = None
     thinking_markers: Markers | None = None
     tool_call_markers: Markers | None = None
     # HMAC-SHA256 key of the thinking_end signatures (REFERENCE §1.6); None or "": unsigned.
@@ -344,6 +350,10 @@ def validate_model_spec(spec: ModelSpec, cache: CacheConfig) -> None:
         raise ConfigError("default_response_tokens must be >= 1")
     if spec.keep_alive_s is not None and spec.keep_alive_s < 0:
         raise ConfigError("keep_alive_s must be >= 0")
+    try:
+        chat_templates.check_option(spec.chat_template)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     for name, markers in (
         ("thinking_markers", spec.thinking_markers),
         ("tool_call_markers", spec.tool_call_markers),

@@ -658,11 +658,14 @@ class ClientCore:
     def cancel(self, request_id: str) -> Call[None]:
         return Call(self.cancel_msg(_check_str("request_id", request_id)), _ignore)
 
-    def tokenize(self, model: str, text: str) -> Call[list[int]]:
+    def tokenize(self, model: str, text: str, *, parse_special: bool = False) -> Call[list[int]]:
+        if not isinstance(parse_special, bool):
+            raise InvalidRequestError("parse_special must be a bool", code=ErrorCode.BADARG)
         msg = Tokenize(
             request_id=new_request_id(),
             model=_check_str("model", model),
             text=_check_str("text", text),
+            parse_special=parse_special,
         )
         return Call(msg, _parse_tokens)
 

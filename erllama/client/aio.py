@@ -612,17 +612,19 @@ class AsyncClient:
         await self._call(self._core.cancel(request_id))
 
     # ================================================================ tokenizer
-    async def tokenize(self, model: str, text: str) -> list[int]:
+    async def tokenize(self, model: str, text: str, *, parse_special: bool = False) -> list[int]:
         """Tokenize text with the model's tokenizer (special tokens added).
 
         Args:
             model: the model id.
             text: the text.
+            parse_special: turn special-token markers in the text (``<start_of_turn>``...)
+                into those special tokens; off, they are tokenized as plain text.
 
         Returns:
             The token ids.
         """
-        return await self._call(self._core.tokenize(model, text))
+        return await self._call(self._core.tokenize(model, text, parse_special=parse_special))
 
     async def detokenize(self, model: str, tokens: Sequence[int]) -> str:
         """Turn tokens back into text.

@@ -478,7 +478,8 @@ class Client:
                 (32 bytes or 64 hex), ``session_id``, ``temperature``,
                 ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
                 ``seed``, ``grammar``, ``stop_sequences``, ``thinking``,
-                ``thinking_budget_tokens``.
+                ``thinking_budget_tokens``, ``parse_special`` (special-token markers
+                in the prompt become special tokens; default off: plain text).
 
         Returns:
             The ``Completion``.
@@ -553,17 +554,19 @@ class Client:
         self._call(self._core.cancel(request_id))
 
     # ================================================================ tokenizer
-    def tokenize(self, model: str, text: str) -> list[int]:
+    def tokenize(self, model: str, text: str, *, parse_special: bool = False) -> list[int]:
         """Tokenize text with the model's tokenizer (special tokens added).
 
         Args:
             model: the model id.
             text: the text.
+            parse_special: turn special-token markers in the text (``<start_of_turn>``...)
+                into those special tokens; off, they are tokenized as plain text.
 
         Returns:
             The token ids.
         """
-        return self._call(self._core.tokenize(model, text))
+        return self._call(self._core.tokenize(model, text, parse_special=parse_special))
 
     def detokenize(self, model: str, tokens: Sequence[int]) -> str:
         """Turn tokens back into text.

@@ -131,6 +131,9 @@ class ModelInfo(Result, frozen=True):
     last_exit: str | None = None
     keep_alive_s: float | None = None  # the spec's keep_alive (scheduler unloads)
     idle_s: float | None = None  # seconds since the router last saw the model busy
+    # Where its chat template comes from: gguf, builtin:<name>, file:<path>, inline, stub;
+    # empty when the model has none (apply_chat_template answers no_template).
+    chat_template: str = ""
 
 
 class StatusRow(Result, frozen=True):
@@ -208,6 +211,9 @@ class RequestOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     ) = None
     thinking: Literal["enabled", "disabled"] | None = None
     thinking_budget_tokens: int | None = None
+    # A prompt text's special-token markers (``<start_of_turn>``...) become the special
+    # tokens themselves; off (the default), they are tokenized as plain text.
+    parse_special: bool = False
 
 
 class LoadModel(Msg, frozen=True, tag="load_model"):
@@ -250,6 +256,7 @@ class Cancel(Msg, frozen=True, tag="cancel"):
 class Tokenize(Msg, frozen=True, tag="tokenize"):
     model: Id
     text: Text
+    parse_special: bool = False  # as RequestOptions.parse_special
 
 
 class Detokenize(Msg, frozen=True, tag="detokenize"):

@@ -30,7 +30,9 @@ class BackendInfo(msgspec.Struct, frozen=True, kw_only=True):
     n_layers: int = 0
     model_size_bytes: int = 0
     n_gpu_layers: int = 0
-    has_chat_template: bool = False
+    # Where the chat template comes from (chat_templates.resolve): "gguf", "builtin:gemma3",
+    # "file:<path>", "inline"; empty when the model has none.
+    chat_template: str = ""
     # A partial reuse keeps whole blocks of this many tokens (1: any length). On CPU the
     # rows at the end of a ragged llama.cpp batch take the kernel's remainder path, so the
     # llama backend re-prefills up to 31 reused tokens to stay bit-identical with cold runs.

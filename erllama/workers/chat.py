@@ -13,7 +13,8 @@ schema}]}``. Steps:
    message, the folded text goes in front of its content, separated by a blank line, so
    there is still exactly one. Tool schemas are not rendered (upstream renders only the
    list), and the template gets no ``tools`` variable.
-3. Render the model's own template (the GGUF ``tokenizer.chat_template``) in a jinja2
+3. Render the model's template (the ``chat_template`` option resolved by
+   ``erllama.chat_templates``: the GGUF's own, a built-in, a string or a file) in a jinja2
    ``ImmutableSandboxedEnvironment`` as llama-cpp-python's ``Jinja2ChatFormatter`` does:
    ``trim_blocks``, ``lstrip_blocks``, the ``loopcontrols`` extension, a ``tojson`` filter
    that keeps non-ASCII, ``raise_exception``, ``strftime_now``, ``bos_token`` /
@@ -27,7 +28,7 @@ schema}]}``. Steps:
 
 Backends: a backend renders chat when it has ``chat_template()`` and
 ``chat_special_tokens()`` (``ChatBackend``); otherwise ``not_supported``. A backend whose
-``chat_template()`` is ``None`` or empty (a GGUF without a template) is ``no_template``.
+``chat_template()`` is ``None`` or empty (no template resolved) is ``no_template``.
 The stub backend has a documented fallback template (``stub.STUB_CHAT_TEMPLATE``: one
 ``role: content`` line per message, then ``assistant:``), rendered by this same code.
 

@@ -341,7 +341,9 @@ class Engine:
             elif isinstance(msg, Cancel):
                 self._cancel(cid, msg.target)
             elif isinstance(msg, Tokenize):
-                toks = self.backend.tokenize(msg.text, add_special=True, parse_special=False)
+                toks = self.backend.tokenize(
+                    msg.text, add_special=True, parse_special=msg.parse_special
+                )
                 self._emit(cid, reply(msg.request_id, pack_tokens(toks)))
             elif isinstance(msg, Detokenize):
                 text = self.backend.detokenize(unpack_tokens(msg.tokens))

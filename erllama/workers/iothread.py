@@ -254,7 +254,7 @@ class IoThread(threading.Thread):
         backend = self._backend
         try:
             if isinstance(msg, Tokenize):
-                toks = backend.tokenize(msg.text, add_special=True, parse_special=False)
+                toks = backend.tokenize(msg.text, add_special=True, parse_special=msg.parse_special)
                 self._answer(cid, reply(msg.request_id, pack_tokens(toks)))
             else:
                 self._answer(

@@ -76,6 +76,7 @@ from typing import Any
 import llama_cpp as lc
 import numpy as np
 
+from erllama import chat_templates
 from erllama.config import ContextOpts, ModelOpts, ModelSpec
 from erllama.protocol.errors import (
     ErrorCode,
@@ -348,6 +349,13 @@ class _Handles:
             self.model = None
 
 
+def _meta_str(model: Any, key: bytes) -> str | None:
+    """A string metadata value of the loaded model (None when the GGUF lacks the key)."""
+    buf = ctypes.create_string_buffer(256)
+    n = int(lc.llama_model_meta_val_str(model, key, buf, len(buf)))
+    return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+
 def _check_readable_gguf(path: str) -> None:
     try:
         with open(path, "rb") as f:
@@ -520,6 +528,12 @@ class LlamaBackend:
         ftype = int(lc.llama_model_ftype(model)) & ~_FTYPE_GUESSED
         quant = spec.quant_type or FTYPE_NAMES.get(ftype, f"ftype_{ftype}")
         bits = spec.quant_bits if spec.quant_bits is not None else quant_bits_for(quant)
+        raw_template = lc.llama_model_chat_template(model, None)
+        self._chat_template, template_origin = chat_templates.resolve(
+            spec.chat_template,
+            raw_template.decode("utf-8", "replace") if raw_template else None,
+            architecture=_meta_str(model, b"general.architecture"),
+        )
         self.info = BackendInfo(
             backend="llama",
             reuse_align=REUSE_ALIGN_TOKENS,
@@ -534,7 +548,7 @@ class LlamaBackend:
             n_layers=int(lc.llama_model_n_layer(model)),
             model_size_bytes=int(lc.llama_model_size(model)),
             n_gpu_layers=spec.model_opts.n_gpu_layers,
-            has_chat_template=lc.llama_model_chat_template(model, None) is not None,
+            chat_template=template_origin,
         )
         self.n_embd = int(lc.llama_model_n_embd(model))
         if spec.context_opts.embeddings:
@@ -817,10 +831,9 @@ class LlamaBackend:
     # --- chat templates (workers/chat.py) -------------------------------------------------
 
     def chat_template(self) -> str | None:
-        """The GGUF's ``tokenizer.chat_template`` (None when the model has none)."""
+        """The model's chat template (``chat_templates.resolve``); None when it has none."""
         self._check_open()
-        raw = lc.llama_model_chat_template(self._h.model, None)
-        return raw.decode("utf-8", "replace") if raw else None
+        return self._chat_template or None
 
     def chat_special_tokens(self) -> tuple[str, str, int | None]:
         """``(bos_text, eos_text, bos_id)``; ``bos_id`` is None when tokenize adds no BOS."""

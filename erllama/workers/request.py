@@ -100,7 +100,9 @@ def _prompt_tokens(msg: Complete, info: BackendInfo, backend: ModelBackend) -> l
     if msg.prompt is None:
         raise _bad(ErrorCode.BAD_REQUEST, "a request needs a prompt or tokens")
     try:
-        tokens = backend.tokenize(msg.prompt, add_special=True, parse_special=False)
+        tokens = backend.tokenize(
+            msg.prompt, add_special=True, parse_special=msg.options.parse_special
+        )
     except ErllamaError:
         raise
     except Exception as exc:

@@ -70,6 +70,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from erllama import chat_templates
 from erllama.config import ModelSpec
 from erllama.protocol.errors import (
     ErrorCode,
@@ -186,6 +187,11 @@ class StubBackend:
             ctx_params_hash
             or hashlib.sha256(b"erllama-stub-ctx:%d:%d" % (opts.n_ctx, n_seq_max)).digest()
         )
+        self._chat_template, origin = chat_templates.resolve(
+            spec.chat_template, STUB_CHAT_TEMPLATE, architecture=None
+        )
+        if origin == chat_templates.GGUF:
+            origin = "stub"  # the stub's fallback stands in for a GGUF's own template
         self.info = BackendInfo(
             backend="stub",
             n_ctx=opts.n_ctx,
@@ -198,6 +204,7 @@ class StubBackend:
             ctx_params_hash=ctx_hash,
             n_layers=1,
             model_size_bytes=0,
+            chat_template=origin,
         )
         self._trigger = [b + BYTE_OFFSET for b in eos_trigger]
         self._script = [b + BYTE_OFFSET for b in (opts.script or "").encode("utf-8")]
@@ -229,8 +236,8 @@ class StubBackend:
         return token == EOS
 
     def chat_template(self) -> str:
-        """The fallback template (module docstring)."""
-        return STUB_CHAT_TEMPLATE
+        """The spec's ``chat_template``, else the fallback template (module docstring)."""
+        return self._chat_template
 
     def chat_special_tokens(self) -> tuple[str, str, int | None]:
         return "", "", BOS

@@ -207,6 +207,7 @@ def model_info(model_id: str, spec: ModelSpec, backend: ModelBackend) -> dict[st
         loaded_at_monotonic=time.monotonic_ns(),
         vram_estimate_b=vram,
         state="ready",
+        chat_template=info.chat_template,
     )
     out: dict[str, Any] = msgspec.to_builtins(mi, builtin_types=(bytes,))
     return out
