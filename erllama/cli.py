@@ -2,7 +2,8 @@
 
 Verbs::
 
-    erllama serve [--config PATH] [--run-dir DIR]      run the daemon in the foreground
+    erllama serve [--config PATH] [--run-dir DIR] [--http HOST:PORT|off]
+                                                       run the daemon in the foreground
     erllama load [CONFIG.toml] [--backend B] [--model-path P] [--n-ctx N] [--id ID]
     erllama unload ID
     erllama models                                     one line per model
@@ -99,7 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import msgspec
 
     from erllama import logs
-    from erllama.config import ConfigError, load_config
+    from erllama.config import ConfigError, load_config, validate_http
 
     try:
         config = load_config(args.config)
@@ -115,6 +116,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if overrides:
         daemon = msgspec.structs.replace(config.daemon, **overrides)
         config = msgspec.structs.replace(config, daemon=daemon)
+    if args.http is not None:
+        http = msgspec.structs.replace(config.http, listen=args.http)
+        config = msgspec.structs.replace(config, http=http)
+        try:
+            validate_http(config.http)
+        except ConfigError as exc:
+            raise CliError("bad_config", str(exc)) from None
     logs.setup("root", "root", level=config.daemon.log_level, log_file=config.daemon.log_file)
     # imported here: only `serve` needs the daemon side
     from erllama.supervisor.daemon import serve
@@ -357,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the daemon in the foreground", parents=[endpoint])
     p.add_argument("--config", "-c", help="TOML configuration (default: the bundled model)")
     p.add_argument("--run-dir", help="the private run directory (sockets, lock)")
+    p.add_argument(
+        "--http",
+        metavar="HOST:PORT|off",
+        help="the HTTP gateway's address (default [http] listen, 127.0.0.1:11480); off: none",
+    )
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("load", help="load a model", parents=[conn])

@@ -228,8 +228,27 @@ class DaemonConfig(_Section, frozen=True):
     insecure_loopback: bool = False
 
 
+DEFAULT_HTTP_LISTEN = "127.0.0.1:11480"  # beside Ollama's 11434; loopback only
+
+
+class HttpConfig(_Section, frozen=True):
+    """The HTTP gateway (erllama/gateway/): OpenAI, Anthropic and Ollama APIs, /metrics."""
+
+    # HOST:PORT, or "off" for no gateway. Port 0 takes a free port (the gateway logs it and
+    # the root publishes it as the http_listening event). Off loopback, api_keys_file is
+    # required (as plain TCP needs CURVE).
+    listen: str = DEFAULT_HTTP_LISTEN
+    api_keys_file: str | None = None  # one key per line (# comments); Bearer or x-api-key
+    max_body_bytes: int = 8 * MIB
+    max_header_bytes: int = 64 * 1024
+    idle_timeout_s: float = 30.0  # a keep-alive connection idle this long is closed
+    max_connections: int = 256  # beyond this, new connections are answered 503
+    request_timeout_s: float | None = None  # None: a request waits as long as its model works
+
+
 class Config(_Section, frozen=True):
     daemon: DaemonConfig = DaemonConfig()
+    http: HttpConfig = HttpConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     models: list[ModelSpec] = []
     cache: CacheConfig = CacheConfig()
@@ -372,6 +391,47 @@ def validate_model_spec(spec: ModelSpec, cache: CacheConfig) -> None:
     effective_policy(cache.policy, spec)
 
 
+def parse_listen(listen: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``[http] listen``; None for ``"off"``.
+
+    Raises:
+        ConfigError: not ``HOST:PORT`` with a port in 0..65535.
+    """
+    if listen == "off":
+        return None
+    host, sep, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"http.listen must be HOST:PORT or off, not {listen!r}")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """A host that only this machine reaches (``localhost``, 127.0.0.0/8, ``::1``)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def validate_http(http: HttpConfig) -> None:
+    """Checks of ``[http]``: the address, the key file off loopback, positive limits."""
+    addr = parse_listen(http.listen)
+    if http.max_body_bytes < 1024 or http.max_header_bytes < 1024:
+        raise ConfigError("http.max_body_bytes and http.max_header_bytes must be >= 1024")
+    if http.idle_timeout_s <= 0 or http.max_connections < 1:
+        raise ConfigError("http.idle_timeout_s must be > 0 and http.max_connections >= 1")
+    if addr is not None and not is_loopback(addr[0]) and not http.api_keys_file:
+        raise ConfigError(
+            f"http.listen {http.listen} is not loopback: set http.api_keys_file (API keys), "
+            "or listen on 127.0.0.1"
+        )
+
+
 def validate_config(cfg: Config) -> None:
     from erllama.protocol.auth import TcpConfigError, check_tcp_settings
 
@@ -399,6 +459,7 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError("scheduler.custom_sampler is required with pressure_source = custom")
     if s.escalate_after_samples < 1:
         raise ConfigError("scheduler.escalate_after_samples must be >= 1")
+    validate_http(cfg.http)
     ids = [m.id for m in cfg.models if m.id is not None]
     if len(ids) != len(set(ids)):
         raise ConfigError("models: duplicate model id")

@@ -492,7 +492,7 @@ WorkerPush = WorkerStatus
 
 
 # ================================================================ control channel (child <-> root)
-Role = Literal["meta", "router", "worker", "scheduler"]
+Role = Literal["meta", "router", "worker", "scheduler", "gateway"]
 
 
 class Hello(Msg, frozen=True, tag="hello"):

@@ -137,6 +137,8 @@ class ControlServer:
                 return
             if slot.is_worker:
                 slot.info = payloads.parse_ready_info(msg.info) or slot.info
+            elif slot.spec.role == "gateway":
+                slot.listen = str(msg.info.get("listen") or "")
             self.root.on_ready(slot, now)
         elif isinstance(msg, StartFailed):
             log.warning(
@@ -162,6 +164,8 @@ class ControlServer:
             return payloads.router_init(cfg, models, root.endpoint)
         if role == "scheduler":
             return payloads.scheduler_init(cfg, root.daemon_id, root.endpoint)
+        if role == "gateway":
+            return payloads.gateway_init(cfg, root.run_dir)
         assert slot.model is not None and slot.model_id is not None
         return payloads.worker_init(cfg, slot.model_id, slot.model, root.daemon_id, slot.adapters)
 

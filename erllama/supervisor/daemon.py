@@ -59,7 +59,7 @@ from pathlib import Path
 
 import zmq
 
-from erllama.config import Config, ConfigError, RestartPolicy, resolve_run_dir
+from erllama.config import Config, ConfigError, RestartPolicy, parse_listen, resolve_run_dir
 from erllama.protocol.sockets import CLIENT_SOCK, EVENTS_SOCK, ensure_private_dir, ipc_endpoint
 from erllama.supervisor import rundir
 from erllama.supervisor.child import ChildProcess, describe_exit
@@ -75,6 +75,7 @@ MODULES: dict[str, str] = {
     "meta": "erllama.cache.meta",
     "router": "erllama.router.router",
     "scheduler": "erllama.scheduler.scheduler",
+    "gateway": "erllama.gateway.process",
     "worker": "erllama.workers.worker",
 }
 # Core children restart fast; the root's own intensity (SupervisorConfig) is their limit.
@@ -295,6 +296,8 @@ class Root:
         self.events.publish(
             "ready", slot.child_id, slot.proc.pid, incarnation=slot.tracker.incarnation
         )
+        if slot.spec.role == "gateway" and slot.listen:
+            self.events.publish("http_listening", slot.child_id, slot.proc.pid, listen=slot.listen)
         self._boot_advance(now)
 
     def on_pong(self, slot: Slot, active: int, progress: int, now: float) -> None:
@@ -390,8 +393,10 @@ class Root:
                 self.boot = "scheduler"
                 self.spawn(self._core_slot("scheduler"), now)
             else:
-                self._boot_workers(now)
+                self._boot_gateway(now)
         elif self.boot == "scheduler" and "scheduler" in ready:
+            self._boot_gateway(now)
+        elif self.boot == "gateway" and "gateway" in ready:
             self._boot_workers(now)
         if self.boot == "workers" and all(
             cid not in self.slots or self.slots[cid].tracker.state is not ChildState.STARTING
@@ -399,6 +404,14 @@ class Root:
         ):
             self.boot = "up"
             self.events.publish("ready", "root", None, models=len(self.boot_workers))
+
+    def _boot_gateway(self, now: float) -> None:
+        """The HTTP gateway next (unless ``[http] listen = "off"``), then the workers."""
+        if parse_listen(self.cfg.http.listen) is None:
+            self._boot_workers(now)
+            return
+        self.boot = "gateway"
+        self.spawn(self._core_slot("gateway"), now)
 
     def _scheduler_wanted(self) -> bool:
         if not self.cfg.scheduler.enabled:
@@ -481,7 +494,7 @@ class Root:
             slot.load_waiters.clear()
             slot.tracker.on_stop_requested()
         workers = [cid for cid, s in self.slots.items() if s.is_worker]
-        self.stop_groups = [workers, ["scheduler"], ["router"], ["meta"]]
+        self.stop_groups = [["gateway"], workers, ["scheduler"], ["router"], ["meta"]]
         self.stop_overall = (
             now
             + self.sup.drain_timeout_s

@@ -5,6 +5,7 @@ Shapes follow docs/ARCHITECTURE.md ("Init payloads"):
 * meta: ``{"cache", "daemon_id"}``
 * router: ``{"daemon", "models": [ModelInfo, ...], "endpoint"}``
 * scheduler: ``{"scheduler", "daemon_id", "endpoint"}``
+* gateway: ``{"http", "endpoint"}`` (the router's ipc client endpoint: never TCP/CURVE)
 * worker: ``{"model_id", "model" (id filled, model_path resolved), "cache",
   "daemon_id", "supervisor", "adapters", "adapter_next_handle"}`` (the adapters the
   worker last reported, attached again by a restarted worker before it is ready)
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from erllama.config import Config, ModelSpec
 from erllama.protocol.messages import AdaptersChanged, ModelInfo
+from erllama.protocol.sockets import CLIENT_SOCK, ipc_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,10 @@ def scheduler_init(cfg: Config, daemon_id: str, endpoint: str | None = None) -> 
     if endpoint is not None:  # the router's client endpoint (evict / unload go through it)
         out["endpoint"] = endpoint
     return out
+
+
+def gateway_init(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
+    return {"http": builtins(cfg.http), "endpoint": ipc_endpoint(run_dir, CLIENT_SOCK)}
 
 
 def worker_init(

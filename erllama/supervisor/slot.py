@@ -46,6 +46,7 @@ class Slot:
     progress_at: float = 0.0
     info: ModelInfo | None = None
     adapters: AdaptersChanged | None = None  # the worker's last report (Init of a restart)
+    listen: str = ""  # the gateway's bound HTTP address (its Ready info)
     last_exit: str | None = None
     start_failed: tuple[str, str] | None = None
     kill_reason: str | None = None

@@ -39,7 +39,7 @@ from typing import Literal
 from erllama.config import RestartPolicy
 
 RestartType = Literal["permanent", "transient", "temporary"]
-Role = Literal["meta", "router", "worker", "scheduler"]
+Role = Literal["meta", "router", "worker", "scheduler", "gateway"]
 
 
 class ChildState(enum.StrEnum):

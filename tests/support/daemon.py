@@ -240,7 +240,9 @@ class Daemon:
             self.run_dir, self._own_tmp = run_dir, False
         self.tag = uuid.uuid4().hex
         daemon_cfg = {**config.get("daemon", {}), "run_dir": str(self.run_dir)}
-        self.config = {**config, "daemon": daemon_cfg}
+        # no HTTP gateway unless the test asks for one (it would take the default port)
+        http_cfg = config.get("http", {"listen": "off"})
+        self.config = {**config, "daemon": daemon_cfg, "http": http_cfg}
         self.config_path = write_config(tmp_path / "erllama.toml", self.config)
         self.endpoint = f"ipc://{self.run_dir / 'client.sock'}"
         self.daemon_id = hashlib.sha256(os.path.realpath(self.run_dir).encode()).hexdigest()[:16]
