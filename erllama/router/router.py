@@ -166,7 +166,7 @@ class Router:
                 now = time.monotonic()
                 deadline = min(
                     min((c.deadline for c in self._meta_calls.values()), default=math.inf),
-                    self.sched.next_deadline(),
+                    self.sched.next_deadline(now),
                 )
                 if self.table.waiting_for_route():
                     deadline = min(deadline, self._route_retry_at)
@@ -350,8 +350,7 @@ class Router:
         elif isinstance(msg, GetDaemonStatus):
             self._meta_call("daemon_status", client_id, rid, GetTierStats(), STATUS_META_TIMEOUT_S)
         elif type(msg) in SCHEDULER_OPS:  # vram_info too: the scheduler reads NVML
-            if (now_answer := self.sched.forward(client_id, msg, time.monotonic())) is not None:
-                self._send_client(*now_answer)
+            self.sched.forward(client_id, msg, time.monotonic())
         else:  # pragma: no cover - every ClientRequest is handled above
             self._send_client(client_id, error_reply(rid, ErrorCode.NOT_SUPPORTED, "unknown op"))
 

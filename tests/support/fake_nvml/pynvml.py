@@ -17,7 +17,7 @@ from typing import Any
 ENV = "ERLLAMA_TEST_FAKE_NVML"
 
 
-class NVMLError(Exception):  # noqa: N818 - pynvml's name
+class NVMLError(Exception):
     pass
 
 
