@@ -9,6 +9,8 @@ Verbs::
     erllama complete ID PROMPT [--max-tokens N] [--temperature T] [--seed S] [--stop STR ...]
     erllama status                                     models, phases, cache tiers and budgets
     erllama counters                                   one "name value" line per counter
+    erllama scheduler status|enable|disable|check      the memory-pressure scheduler
+    erllama scheduler set-thresholds --high X --low Y  (cli_scheduler.py)
     erllama keys DIR [--name NAME ...]                 CURVE key pairs for TCP endpoints
 
 Every verb takes ``--endpoint`` (for ``serve``, the endpoint to bind; for the
@@ -33,7 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from erllama import __version__
+from erllama import __version__, cli_scheduler
 from erllama.client import Client, Timeout
 from erllama.protocol.errors import ErllamaError
 from erllama.protocol.messages import DaemonStatus, ModelInfo, Stats
@@ -273,7 +275,7 @@ def _status_text(st: DaemonStatus, out: TextIO) -> None:
         ratio = sched.get("last_ratio")
         action = sched.get("last_action") or {}
         out.write(
-            f"\nscheduler: source={sched.get('pressure_source')} "
+            f"\nscheduler: enabled={sched.get('enabled')} source={sched.get('pressure_source')} "
             f"ratio={'-' if ratio is None else f'{ratio:.3f}'} "
             f"high={sched.get('high_watermark')} low={sched.get('low_watermark')} "
             f"decision={sched.get('last_decision')} plans={sched.get('plans')} "
@@ -393,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("counters", help="the cache counters", parents=[conn])
     p.set_defaults(fn=cmd_counters)
+
+    cli_scheduler.add_parser(sub, conn, _client)
 
     p = sub.add_parser(
         "keys",
