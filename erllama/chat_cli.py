@@ -118,25 +118,32 @@ class Chat:
             except KeyboardInterrupt:
                 self._write(f"\n{HINT}\n", dim=True)
                 continue
-            if line.strip():
-                self.turn(line)
+            before = len(self.history)
+            try:
+                if line.strip():
+                    self.turn(line)
+            except KeyboardInterrupt:  # a streaming reply is cancelled already (_reply)
+                del self.history[before:]
+                self._write("\n[cancelled]\n", dim=True)
 
     def turn(self, text: str) -> None:
-        """One exchange: render the history with ``text``, stream and record the reply."""
-        self.history.append({"role": "user", "content": text})
+        """One exchange: render the history with ``text``, stream and record the reply.
+
+        On Ctrl-C (raised on) or a daemon error (printed) the history is left as it was.
+        """
+        before = len(self.history)
         try:
+            self.history.append({"role": "user", "content": text})
             reply, stats = self._reply(self._render(self.history))
-        except KeyboardInterrupt:
-            self.history.pop()
-            self._write("\n[cancelled]\n", dim=True)
-            return
-        except ErllamaError as exc:
-            self.history.pop()
+            self.history.append({"role": "assistant", "content": reply.strip()})
+        except BaseException as exc:
+            del self.history[before:]
+            if not isinstance(exc, ErllamaError):
+                raise
             self.out.flush()
             self.err.write(f"error: {exc.code}: {exc.message}\n")
             self.err.flush()
             return
-        self.history.append({"role": "assistant", "content": reply.strip()})
         if stats is not None:
             self._write(status_line(stats) + "\n", dim=True)
 

@@ -134,6 +134,7 @@ def chat_daemon(daemon_factory: DaemonFactory) -> Daemon:  # noqa: F811
     )
 
 
+FINISH = re.compile(r"event=finish request=\S+ reason=(\w+) .* prompt=(\d+) gen=")
 CACHE = re.compile(r"\[cache: (\w+)(?: (\d+) tokens)?, prefill \d+ ms, (\d+) tokens [\d.]+ m?s")
 
 
@@ -197,6 +198,10 @@ def test_ctrl_c_cancels_a_streaming_reply_and_the_chat_goes_on(
     m = CACHE.search(done)
     assert m is not None and m.group(3) == "80", done
     assert "finish length" in done
+    # the cancelled turn left no trace: the prompt is this one user line alone
+    finished = FINISH.findall(chat_daemon.log_path.read_text(errors="replace"))
+    assert [r for r, _ in finished] == ["cancelled", "length"], finished
+    assert int(finished[-1][1]) == 1 + len("user: now finish\nassistant:")
     chat.expect("> ")
     chat.send("\x04")
     assert chat.wait_exit() == 0
