@@ -22,8 +22,8 @@ sends ``Cancel``; then a ``cancel`` call waits for the daemon's answer) and
 drops the turn (the partial reply and its user line: roles keep alternating);
 Ctrl-C at the prompt clears the line and prints a hint; Ctrl-D (EOF) at the
 prompt ends the chat with status 0. A daemon error in a turn prints one line
-``error: <code>: <message>`` and drops the turn. Before the first prompt the
-history-free template is rendered once, so an unknown model
+``error: <code>: <message>`` and drops the turn. Before the first prompt a
+one-message chat is rendered (not generated), so an unknown model
 (``model_not_loaded``) or a GGUF without a template (``no_template``) fails the
 start with that error.
 """
@@ -158,6 +158,7 @@ class Chat:
         parts: list[str] = []
         stats: Stats | None = None
         stream = self.client.infer(self.model, tokens, **self.options)
+        interrupted = False
         try:
             for event in stream:
                 if event.kind == "token" and event.text:
@@ -167,6 +168,7 @@ class Chat:
                 elif event.kind == "done":
                     stats = event.stats
         except KeyboardInterrupt:
+            interrupted = True  # the caller's "[cancelled]" ends the line
             stream.close()  # sends Cancel without waiting
             # ... and this waits until the daemon has it (a second Ctrl-C skips the wait)
             with contextlib.suppress(ErllamaError, KeyboardInterrupt):
@@ -174,7 +176,7 @@ class Chat:
             raise
         finally:
             stream.close()
-            if parts and not parts[-1].endswith("\n"):
+            if parts and not interrupted and not parts[-1].endswith("\n"):
                 self.out.write("\n")
                 self.out.flush()
         return "".join(parts), stats

@@ -124,7 +124,7 @@ def test_ctrl_c_in_a_reply_cancels_it_and_drops_the_turn() -> None:
     assert chat.history == []
     assert fake.cancelled == ["r0"] and fake.streams[0].closed
     text = out.getvalue()
-    assert " Hi\n\n[cancelled]\n> \n(Ctrl-D quits" in text and "[cache:" not in text
+    assert " Hi\n[cancelled]\n> \n(Ctrl-D quits" in text and "[cache:" not in text
 
 
 def test_a_daemon_error_in_a_turn_is_one_line_and_the_chat_goes_on() -> None:
