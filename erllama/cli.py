@@ -7,6 +7,7 @@ Verbs::
     erllama unload ID
     erllama models                                     one line per model
     erllama complete ID PROMPT [--max-tokens N] [--temperature T] [--seed S] [--stop STR ...]
+    erllama chat [MODEL] [--system TEXT] [--response-tokens N]   interactive chat (chat_cli.py)
     erllama status                                     models, phases, cache tiers and budgets
     erllama counters                                   one "name value" line per counter
     erllama scheduler status|enable|disable|check      the memory-pressure scheduler
@@ -35,7 +36,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from erllama import __version__, cli_scheduler
+from erllama import __version__, chat_cli, cli_scheduler
 from erllama.client import Client, Timeout
 from erllama.protocol.errors import ErllamaError
 from erllama.protocol.messages import DaemonStatus, ModelInfo, Stats
@@ -255,6 +256,11 @@ def cmd_complete(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        return chat_cli.run_chat(c, args)
+
+
 def _status_text(st: DaemonStatus, out: TextIO) -> None:
     out.write(f"daemon pid {st.pid}, run dir {st.run_dir}\n\n")
     if st.models:
@@ -389,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="sampling seed (with --temperature)")
     p.add_argument("--stop", nargs="+", metavar="STR", help="stop sequences")
     p.set_defaults(fn=cmd_complete)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal", parents=[conn])
+    chat_cli.add_arguments(p)
+    p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("status", help="models, phases, cache tiers and budgets", parents=[conn])
     p.set_defaults(fn=cmd_status)
