@@ -31,6 +31,9 @@ from erllama.protocol.messages import CacheDelta as CacheDelta
 from erllama.protocol.messages import CacheHit as CacheHit
 from erllama.protocol.messages import DaemonStatus as DaemonStatus
 from erllama.protocol.messages import ModelInfo as ModelInfo
+from erllama.protocol.messages import SchedulerAction as SchedulerAction
+from erllama.protocol.messages import SchedulerCheck as SchedulerCheck
+from erllama.protocol.messages import SchedulerStatus as SchedulerStatus
 from erllama.protocol.messages import Stats as Stats
 from erllama.protocol.messages import TierUsage as TierUsage
 
@@ -58,6 +61,9 @@ __all__ = [
     "ProtocolError",
     "RequestError",
     "RequestTimeoutError",
+    "SchedulerAction",
+    "SchedulerCheck",
+    "SchedulerStatus",
     "Stats",
     "Stream",
     "TierUsage",

@@ -8,8 +8,11 @@ Verbs::
     erllama unload ID
     erllama models                                     one line per model
     erllama complete ID PROMPT [--max-tokens N] [--temperature T] [--seed S] [--stop STR ...]
+    erllama chat [MODEL] [--system TEXT] [--response-tokens N]   interactive chat (chat_cli.py)
     erllama status                                     models, phases, cache tiers and budgets
     erllama counters                                   one "name value" line per counter
+    erllama scheduler status|enable|disable|check      the memory-pressure scheduler
+    erllama scheduler set-thresholds --high X --low Y  (cli_scheduler.py)
     erllama keys DIR [--name NAME ...]                 CURVE key pairs for TCP endpoints
 
 Every verb takes ``--endpoint`` (for ``serve``, the endpoint to bind; for the
@@ -34,7 +37,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from erllama import __version__
+from erllama import __version__, chat_cli, cli_scheduler
 from erllama.client import Client, Timeout
 from erllama.protocol.errors import ErllamaError
 from erllama.protocol.messages import DaemonStatus, ModelInfo, Stats
@@ -261,6 +264,11 @@ def cmd_complete(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        return chat_cli.run_chat(c, args)
+
+
 def _status_text(st: DaemonStatus, out: TextIO) -> None:
     out.write(f"daemon pid {st.pid}, run dir {st.run_dir}\n\n")
     if st.models:
@@ -281,7 +289,7 @@ def _status_text(st: DaemonStatus, out: TextIO) -> None:
         ratio = sched.get("last_ratio")
         action = sched.get("last_action") or {}
         out.write(
-            f"\nscheduler: source={sched.get('pressure_source')} "
+            f"\nscheduler: enabled={sched.get('enabled')} source={sched.get('pressure_source')} "
             f"ratio={'-' if ratio is None else f'{ratio:.3f}'} "
             f"high={sched.get('high_watermark')} low={sched.get('low_watermark')} "
             f"decision={sched.get('last_decision')} plans={sched.get('plans')} "
@@ -401,11 +409,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", nargs="+", metavar="STR", help="stop sequences")
     p.set_defaults(fn=cmd_complete)
 
+    p = sub.add_parser("chat", help="chat with a model in the terminal", parents=[conn])
+    chat_cli.add_arguments(p)
+    p.set_defaults(fn=cmd_chat)
+
     p = sub.add_parser("status", help="models, phases, cache tiers and budgets", parents=[conn])
     p.set_defaults(fn=cmd_status)
 
     p = sub.add_parser("counters", help="the cache counters", parents=[conn])
     p.set_defaults(fn=cmd_counters)
+
+    cli_scheduler.add_parser(sub, conn, _client)
 
     p = sub.add_parser(
         "keys",

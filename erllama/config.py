@@ -432,6 +432,19 @@ def validate_http(http: HttpConfig) -> None:
         )
 
 
+def validate_watermarks(high: float, low: float) -> None:
+    """The scheduler's watermarks, at start and for ``set_scheduler_thresholds`` at run time.
+
+    Raises:
+        ConfigError: unless ``0 <= low < high <= 1`` (NaN fails too).
+    """
+    if not 0.0 <= low < high <= 1.0:
+        raise ConfigError(
+            "scheduler watermarks: need 0 <= low_watermark < high_watermark <= 1, "
+            f"got high={high!r} low={low!r}"
+        )
+
+
 def validate_config(cfg: Config) -> None:
     from erllama.protocol.auth import TcpConfigError, check_tcp_settings
 
@@ -451,8 +464,7 @@ def validate_config(cfg: Config) -> None:
     if cfg.cache.evict_save_timeout_ms < 0:
         raise ConfigError("cache.evict_save_timeout_ms must be >= 0")
     s = cfg.scheduler
-    if not 0.0 <= s.low_watermark < s.high_watermark <= 1.0:
-        raise ConfigError("scheduler watermarks: need 0 <= low_watermark < high_watermark <= 1")
+    validate_watermarks(s.high_watermark, s.low_watermark)
     if s.interval_s <= 0:
         raise ConfigError("scheduler.interval_s must be > 0")
     if s.pressure_source == "custom" and not s.custom_sampler:

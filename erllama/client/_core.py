@@ -62,11 +62,14 @@ from erllama.protocol.messages import (
     Detokenize,
     DoneEvent,
     Embed,
+    EnableScheduler,
     ErrorReply,
     Evict,
+    ForceSchedulerCheck,
     GetCounters,
     GetDaemonStatus,
     GetModelInfo,
+    GetSchedulerStatus,
     GetStatusRow,
     GetVramInfo,
     ListAdapters,
@@ -81,7 +84,10 @@ from erllama.protocol.messages import (
     QueueDepth,
     Reply,
     RequestOptions,
+    SchedulerCheck,
+    SchedulerStatus,
     SetAdapterScale,
+    SetSchedulerThresholds,
     ShutdownModel,
     Stats,
     StatusRow,
@@ -382,6 +388,14 @@ def _check_scale(scale: object) -> float:
 
 
 # ================================================================ result parsers
+def _threshold(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequestError(
+            f"{name} must be a number in [0, 1], not {value!r}", code=ErrorCode.BAD_THRESHOLDS
+        )
+    return float(value)
+
+
 def _ignore(raw: msgspec.Raw) -> None:
     return None
 
@@ -680,6 +694,24 @@ class ClientCore:
 
     def vram_info(self) -> Call[dict[str, int]]:
         return Call(GetVramInfo(request_id=new_request_id()), _parser(dict[str, int]))
+
+    def scheduler_status(self) -> Call[SchedulerStatus]:
+        return Call(GetSchedulerStatus(request_id=new_request_id()), _parser(SchedulerStatus))
+
+    def enable_scheduler(self, enabled: bool) -> Call[SchedulerStatus]:
+        msg = EnableScheduler(request_id=new_request_id(), enabled=enabled)
+        return Call(msg, _parser(SchedulerStatus))
+
+    def set_scheduler_thresholds(self, high: object, low: object) -> Call[SchedulerStatus]:
+        """Only the types are checked here; the range (``0 <= low < high <= 1``) is the
+        scheduler's, with the config's own check (``bad_thresholds`` either way)."""
+        msg = SetSchedulerThresholds(
+            request_id=new_request_id(), high=_threshold("high", high), low=_threshold("low", low)
+        )
+        return Call(msg, _parser(SchedulerStatus))
+
+    def force_scheduler_check(self) -> Call[SchedulerCheck]:
+        return Call(ForceSchedulerCheck(request_id=new_request_id()), _parser(SchedulerCheck))
 
     def status_row(self, model: str) -> Call[StatusRow]:
         """``phase`` / ``pending_len`` / ``last_cache_hit``: an unknown model reads as idle."""

@@ -57,7 +57,15 @@ from erllama.protocol.errors import (
     InternalError,
     RequestTimeoutError,
 )
-from erllama.protocol.messages import CacheHit, DaemonStatus, ModelInfo, Msg, PrefillResult
+from erllama.protocol.messages import (
+    CacheHit,
+    DaemonStatus,
+    ModelInfo,
+    Msg,
+    PrefillResult,
+    SchedulerCheck,
+    SchedulerStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -648,15 +656,29 @@ class AsyncClient:
         return await self._call(self._core.counters())
 
     async def vram_info(self) -> dict[str, int]:
-        """GPU memory summed over every GPU, from the scheduler's NVML sample.
-
-        Returns:
-            ``{total_b, free_b, used_b}``.
-
-        Raises:
-            NotSupportedError: ``no_gpu`` (no GPU, no NVML, or the scheduler is disabled).
-        """
+        """See ``Client.vram_info``."""
         return await self._call(self._core.vram_info())
+
+    # ================================================================ scheduler API
+    async def scheduler_status(self) -> SchedulerStatus:
+        """See ``Client.scheduler_status``."""
+        return await self._call(self._core.scheduler_status())
+
+    async def enable_scheduler(self) -> SchedulerStatus:
+        """See ``Client.enable_scheduler``."""
+        return await self._call(self._core.enable_scheduler(True))
+
+    async def disable_scheduler(self) -> SchedulerStatus:
+        """See ``Client.disable_scheduler``."""
+        return await self._call(self._core.enable_scheduler(False))
+
+    async def set_scheduler_thresholds(self, *, high: float, low: float) -> SchedulerStatus:
+        """See ``Client.set_scheduler_thresholds``."""
+        return await self._call(self._core.set_scheduler_thresholds(high, low))
+
+    async def force_scheduler_check(self) -> SchedulerCheck:
+        """See ``Client.force_scheduler_check``."""
+        return await self._call(self._core.force_scheduler_check())
 
     async def phase(self, model: str) -> str:
         """Lock-free phase of a model (``idle`` for an unknown model).

@@ -46,7 +46,15 @@ from erllama.client._core import (
 )
 from erllama.protocol.auth import client_curve
 from erllama.protocol.errors import DaemonUnavailableError, ErllamaError, RequestTimeoutError
-from erllama.protocol.messages import CacheHit, DaemonStatus, ModelInfo, Msg, PrefillResult
+from erllama.protocol.messages import (
+    CacheHit,
+    DaemonStatus,
+    ModelInfo,
+    Msg,
+    PrefillResult,
+    SchedulerCheck,
+    SchedulerStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -590,15 +598,73 @@ class Client:
         return self._call(self._core.counters())
 
     def vram_info(self) -> dict[str, int]:
-        """GPU memory summed over every GPU, from the scheduler's NVML sample.
+        """GPU memory summed over every GPU, read from NVML now (scheduler on or off).
 
         Returns:
             ``{total_b, free_b, used_b}``.
 
         Raises:
-            NotSupportedError: ``no_gpu`` (no GPU, no NVML, or the scheduler is disabled).
+            NotSupportedError: ``no_gpu`` (no GPU, no NVML, no scheduler process).
         """
         return self._call(self._core.vram_info())
+
+    # ================================================================ scheduler API
+    def scheduler_status(self) -> SchedulerStatus:
+        """The memory-pressure scheduler: switch, watermarks, last sample, last action.
+
+        Returns:
+            A ``SchedulerStatus`` (``enabled``, ``high_watermark``, ``low_watermark``,
+            ``last_ratio``, ``last_decision``, ``last_action``, ...).
+
+        Raises:
+            RequestTimeoutError: ``timeout`` (the scheduler process is not running).
+        """
+        return self._call(self._core.scheduler_status())
+
+    def enable_scheduler(self) -> SchedulerStatus:
+        """Start the pressure checks now (upstream ``enable(true)``); returns the status.
+
+        Lasts until ``disable_scheduler`` or the daemon's stop (a restarted scheduler
+        keeps it); the config's ``enabled`` is only the value at start.
+        """
+        return self._call(self._core.enable_scheduler(True))
+
+    def disable_scheduler(self) -> SchedulerStatus:
+        """Stop the pressure checks (upstream ``enable(false)``); returns the status.
+
+        A plan already running finishes. ``vram_info`` keeps working.
+        """
+        return self._call(self._core.enable_scheduler(False))
+
+    def set_scheduler_thresholds(self, *, high: float, low: float) -> SchedulerStatus:
+        """Change the watermarks at run time (upstream ``set_thresholds(high, low)``).
+
+        Args:
+            high: act at or above this fraction of memory used.
+            low: free memory down to this fraction.
+
+        Returns:
+            The new status.
+
+        Raises:
+            InvalidRequestError: ``bad_thresholds`` unless ``0 <= low < high <= 1``
+                (the check the config gets at start).
+        """
+        return self._call(self._core.set_scheduler_thresholds(high, low))
+
+    def force_scheduler_check(self) -> SchedulerCheck:
+        """Check the pressure now (upstream ``force_check()``) and say what it did.
+
+        Above the high watermark a plan runs at once (even if the last one has not
+        settled) and the answer comes when it ends, or after 60 s with outcome
+        ``running``.
+
+        Returns:
+            A ``SchedulerCheck``: ``outcome`` ``skipped`` (``reason`` disabled,
+            no_sample, below_watermark, in_band or busy), ``acted`` (``action``: the
+            steps and bytes freed) or ``running``.
+        """
+        return self._call(self._core.force_scheduler_check())
 
     def phase(self, model: str) -> str:
         """Lock-free phase of a model: ``idle``, ``prefilling`` or ``generating``.

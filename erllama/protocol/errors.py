@@ -8,7 +8,7 @@ Exception tree (catch a family, or ``ErllamaError`` for everything)::
 
     ErllamaError                       .code, .message, .detail
     ├── RequestError                   the request was refused; nothing broke
-    │   ├── InvalidRequestError        bad_request, badarg, too_large, context_overflow, enoent, ...
+    │   ├── InvalidRequestError        bad_request, badarg, bad_thresholds, too_large, enoent, ...
     │   ├── UnknownModelError          model_not_loaded, noproc, not_found
     │   ├── ConflictError              already_loaded, busy, sticky_busy, seq_capacity, conflict
     │   ├── NotSupportedError          not_supported, no_gpu
@@ -43,6 +43,7 @@ class ErrorCode(enum.StrEnum):
     TOKENIZE_FAILED = "tokenize_failed"
     BATCH_OVERFLOW = "batch_overflow"
     THINKING_NOT_ENABLED = "thinking_not_enabled"
+    BAD_THRESHOLDS = "bad_thresholds"  # set_scheduler_thresholds: need 0 <= low < high <= 1
     # file errors (upstream passes the POSIX reason of a file it cannot read: load_adapter)
     ENOENT = "enoent"
     EACCES = "eacces"
@@ -171,6 +172,7 @@ ERROR_CLASSES: dict[str, type[ErllamaError]] = {
             _C.TOKENIZE_FAILED,
             _C.BATCH_OVERFLOW,
             _C.THINKING_NOT_ENABLED,
+            _C.BAD_THRESHOLDS,
             _C.ENOENT,
             _C.EACCES,
             _C.EISDIR,

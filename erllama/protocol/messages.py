@@ -16,6 +16,7 @@ Rules (STYLE §3.1):
 
 Channels:
     client -> router    ClientRequest   (router forwards most of them, body untouched)
+    router -> scheduler SCHEDULER_OPS   (request id replaced by the router's own)
     router -> client    ClientReply     (Reply, ErrorReply, stream events)
     worker -> router    WorkerPush      (WorkerStatus) plus ClientReply bodies
     child <-> root      ControlMessage  (Hello, Init, Ready, StartFailed, Ping, Pong, Stop, ...)
@@ -171,6 +172,56 @@ class VramInfo(Result, frozen=True):
     used_b: int
 
 
+class SchedulerAction(Result, frozen=True):
+    """The scheduler's last finished plan: why, how much it aimed at, what each step did."""
+
+    at: float  # wall clock (time.time())
+    reason: str  # above_high | escalate | forced
+    target_bytes: int
+    steps: list[tuple[str, int, int]]  # (step, things acted on, bytes known freed)
+    bytes_freed: int
+
+
+class SchedulerStatus(Result, frozen=True):
+    """``scheduler_status()`` (REFERENCE §9 ``status()``), also what meta shows in
+    ``DaemonStatus.scheduler`` (as a map). Every field is always present."""
+
+    enabled: bool  # the run-time switch (config ``enabled``, then enable/disable)
+    pressure_source: str
+    sampler: str | None  # None: the source cannot measure here (``sampler_reason``)
+    sampler_reason: str
+    interval_s: float
+    high_watermark: float
+    low_watermark: float
+    min_evict_bytes: int
+    evict_tiers: list[str]
+    resource: Literal["ram", "vram"] | None
+    last_used: int | None
+    last_total: int | None
+    last_ratio: float | None
+    sampled_at: float | None
+    last_decision: str
+    last_action: SchedulerAction | None
+    plans: int
+    vram: VramInfo | None
+    vram_reason: str
+
+
+class SchedulerCheck(Result, frozen=True):
+    """``force_scheduler_check()``: what one pressure check, run at once, did.
+
+    ``outcome`` ``skipped`` (``reason``: disabled, no_sample, below_watermark, in_band,
+    busy), ``acted`` (``reason``: above_high or forced; ``action`` is the finished
+    plan) or ``running`` (the plan outlived the reply's wait; its result shows in
+    ``scheduler_status().last_action``).
+    """
+
+    outcome: Literal["skipped", "acted", "running"]
+    reason: str
+    last_ratio: float | None = None
+    action: SchedulerAction | None = None
+
+
 class VerifyResult(Result, frozen=True):
     """``verify``: ``accepted`` leading candidates agree with the model's argmax;
     ``next_token`` is its argmax after them, ``eos`` when that is an end-of-generation
@@ -305,7 +356,31 @@ class GetDaemonStatus(Msg, frozen=True, tag="daemon_status"):
 
 
 class GetVramInfo(Msg, frozen=True, tag="vram_info"):
-    """Answered by the router from the scheduler's NVML sample (``no_gpu`` without one)."""
+    """Answered by the scheduler, which reads NVML at once, enabled or not (``no_gpu``
+    without a GPU, NVML or a running scheduler process)."""
+
+
+class GetSchedulerStatus(Msg, frozen=True, tag="scheduler_status"):
+    """The reply is a ``SchedulerStatus``."""
+
+
+class EnableScheduler(Msg, frozen=True, tag="scheduler_enable"):
+    """``enable(bool)``: start or stop the pressure checks (the process keeps running).
+    The reply is the new ``SchedulerStatus``."""
+
+    enabled: bool
+
+
+class SetSchedulerThresholds(Msg, frozen=True, tag="scheduler_set_thresholds"):
+    """``set_thresholds(high, low)``: checked like the config (``bad_thresholds``
+    unless ``0 <= low < high <= 1``). The reply is the new ``SchedulerStatus``."""
+
+    high: float
+    low: float
+
+
+class ForceSchedulerCheck(Msg, frozen=True, tag="scheduler_force_check"):
+    """``force_check()``: sample and decide now. The reply is a ``SchedulerCheck``."""
 
 
 class ApplyChatTemplate(Msg, frozen=True, tag="apply_chat_template"):
@@ -383,6 +458,10 @@ ClientRequest = (
     | ShutdownModel
     | GetDaemonStatus
     | GetVramInfo
+    | GetSchedulerStatus
+    | EnableScheduler
+    | SetSchedulerThresholds
+    | ForceSchedulerCheck
     | ApplyChatTemplate
     | Embed
     | LoadAdapter
@@ -413,6 +492,10 @@ WORKER_OPS: frozenset[type[Msg]] = frozenset(
 )
 # Operations the router forwards to the root supervisor (they change the tree).
 TREE_OPS: frozenset[type[Msg]] = frozenset({LoadModel, Unload})
+# Operations the router forwards to the scheduler process (``scheduler.sock``).
+SCHEDULER_OPS: frozenset[type[Msg]] = frozenset(
+    {GetVramInfo, GetSchedulerStatus, EnableScheduler, SetSchedulerThresholds, ForceSchedulerCheck}
+)
 
 
 # ================================================================ replies and events

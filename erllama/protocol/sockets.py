@@ -26,6 +26,10 @@ WORKERS_SOCK = "workers.sock"
 CONTROL_SOCK = "control.sock"
 META_SOCK = "meta.sock"
 EVENTS_SOCK = "events.sock"
+SCHEDULER_SOCK = "scheduler.sock"
+# The scheduler's run-time settings (enable/disable, watermarks), kept across its own
+# restarts; the root removes it at start and stop, so it lives as long as one daemon.
+SCHEDULER_STATE = "scheduler.json"
 
 
 def default_run_dir() -> Path:

@@ -5,12 +5,14 @@ Sockets:
     binds     ROUTER ``workers.sock`` (workers' DEALERs, identity = model id)
     connects  DEALER ``control.sock`` (identity ``router``; handshake, tree ops, root events)
     connects  DEALER ``meta.sock`` (counters and tier stats)
+    connects  DEALER ``scheduler.sock`` (``SCHEDULER_OPS``: ``schedlink.SchedulerLink``)
 
 Messages in / out:
     client  ``[client_id, ERL1, ClientRequest]`` ->
             tree ops (LoadModel, Unload) -> root as ``[client_id, ERL1, body]``;
             status queries (list_models, model_info, status_row, queue_depth,
             daemon_status) answered from the table; counters -> meta;
+            scheduler ops and vram_info -> the scheduler (own request ids);
             worker ops -> ``[model_id, client_id, ERL1, body]`` (body untouched),
             or held while the model loads/restarts.
     worker  ``[model_id, client_id, ERL1, reply]`` -> ``[client_id, ERL1, reply]``;
@@ -47,6 +49,7 @@ from erllama.protocol.auth import TcpListener, bind_tcp
 from erllama.protocol.codec import PROTOCOL_ID, Decoder, encode, error_reply, peek_request_id, reply
 from erllama.protocol.errors import ErllamaError, ErrorCode, ProtocolError
 from erllama.protocol.messages import (
+    SCHEDULER_OPS,
     TREE_OPS,
     WORKER_OPS,
     Cancel,
@@ -58,7 +61,6 @@ from erllama.protocol.messages import (
     GetDaemonStatus,
     GetModelInfo,
     GetStatusRow,
-    GetVramInfo,
     ListModels,
     ModelInfo,
     ModelStateChanged,
@@ -67,7 +69,6 @@ from erllama.protocol.messages import (
     Reply,
     Stop,
     TierUsage,
-    VramInfo,
     WorkerExited,
     WorkerPush,
 )
@@ -78,6 +79,7 @@ from erllama.protocol.meta_messages import (
     TierStatsResult,
 )
 from erllama.protocol.sockets import META_SOCK, WORKERS_SOCK, ipc_endpoint, make_socket
+from erllama.router.schedlink import SchedulerLink
 from erllama.router.table import Admit, Failure, ModelTable, Pending
 
 log = logging.getLogger(__name__)
@@ -145,6 +147,7 @@ class Router:
         self.meta = make_socket(
             ctx, zmq.DEALER, connect=ipc_endpoint(run_dir, META_SOCK), linger_ms=0
         )
+        self.sched = SchedulerLink(ctx, run_dir)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -155,13 +158,16 @@ class Router:
         old_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         poller = zmq.Poller()
-        for sock in (self.client, self.workers, self.link.socket, self.meta):
+        for sock in (self.client, self.workers, self.link.socket, self.meta, self.sched.sock):
             poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
         try:
             while not self._stopping:
                 now = time.monotonic()
-                deadline = min((c.deadline for c in self._meta_calls.values()), default=math.inf)
+                deadline = min(
+                    min((c.deadline for c in self._meta_calls.values()), default=math.inf),
+                    self.sched.next_deadline(now),
+                )
                 if self.table.waiting_for_route():
                     deadline = min(deadline, self._route_retry_at)
                 timeout = (
@@ -179,8 +185,12 @@ class Router:
                     self._drain(self.client, self._on_client)
                 if self.meta in ready:
                     self._drain(self.meta, self._on_meta)
+                if self.sched.sock in ready:
+                    self._drain(self.sched.sock, self._on_scheduler)
                 now = time.monotonic()
                 self._expire_meta_calls(now)
+                for client_id, msg in self.sched.expire(now):
+                    self._send_client(client_id, msg)
                 if now >= self._route_retry_at and self.table.waiting_for_route():
                     for model, pending in self.table.retry_routes().items():
                         self._flush(model, pending)
@@ -212,9 +222,12 @@ class Router:
             self._send_client(
                 call.client_id, error_reply(call.request_id, ErrorCode.SHUTTING_DOWN, "stopping")
             )
+        for client_id, msg in self.sched.drain_all(ErrorCode.SHUTTING_DOWN, "stopping"):
+            self._send_client(client_id, msg)
         for sock in (self.client, self.workers):
             sock.close(linger=500)
         self.meta.close(linger=0)
+        self.sched.close()
         if self.tcp is not None:
             self.tcp.stop()
         for path, ino in self._bound_files:
@@ -336,8 +349,8 @@ class Router:
             self._meta_call("counters", client_id, rid, GetMetaCounters(), META_TIMEOUT_S)
         elif isinstance(msg, GetDaemonStatus):
             self._meta_call("daemon_status", client_id, rid, GetTierStats(), STATUS_META_TIMEOUT_S)
-        elif isinstance(msg, GetVramInfo):  # the scheduler's NVML sample, kept by meta
-            self._meta_call("vram_info", client_id, rid, GetTierStats(), STATUS_META_TIMEOUT_S)
+        elif type(msg) in SCHEDULER_OPS:  # vram_info too: the scheduler reads NVML
+            self.sched.forward(client_id, msg, time.monotonic())
         else:  # pragma: no cover - every ClientRequest is handled above
             self._send_client(client_id, error_reply(rid, ErrorCode.NOT_SUPPORTED, "unknown op"))
 
@@ -379,7 +392,7 @@ class Router:
     def _meta_done(self, call: _MetaCall, msg: Reply | ErrorReply | None) -> None:
         """Answer the client's counters / daemon_status with what meta said (or did not)."""
         ok = isinstance(msg, Reply)
-        if call.kind in ("daemon_status", "vram_info"):
+        if call.kind == "daemon_status":
             tiers: list[TierUsage] = []
             sched: dict[str, Any] | None = None
             if isinstance(msg, Reply):
@@ -388,9 +401,6 @@ class Router:
                     tiers, sched = stats.tiers, stats.scheduler
                 except msgspec.MsgspecError:
                     log.warning("bad tier_stats result from meta")
-            if call.kind == "vram_info":
-                self._send_client(call.client_id, _vram_reply(call.request_id, sched))
-                return
             status = DaemonStatus(
                 models=self.table.list_models(),
                 tiers=tiers,
@@ -416,6 +426,10 @@ class Router:
             err = error_reply(call.request_id, ErrorCode.TIMEOUT, "cache meta did not answer")
         self._send_client(call.client_id, err)
 
+    def _on_scheduler(self, frames: list[bytes]) -> None:
+        if (out := self.sched.on_frames(frames)) is not None:
+            self._send_client(*out)
+
     # ================================================================ send
     def _fail(self, f: Failure) -> None:
         self._send_client(
@@ -435,23 +449,6 @@ class Router:
             self.counters["router_unroutable"] += 1
             return False
         return True
-
-
-def _vram_reply(rid: str, sched: dict[str, Any] | None) -> Msg:
-    """``vram_info`` from the scheduler's last NVML sample; ``no_gpu`` without one."""
-    vram = sched.get("vram") if sched else None
-    if not isinstance(vram, dict):
-        why = (
-            "no NVML sample (the scheduler is not running)"
-            if sched is None
-            else ((sched.get("vram_reason") if sched else None) or "no GPU")
-        )
-        return error_reply(rid, ErrorCode.NO_GPU, str(why))
-    try:
-        info = msgspec.convert(vram, VramInfo)
-    except msgspec.ValidationError:
-        return error_reply(rid, ErrorCode.NO_GPU, "bad vram sample")
-    return reply(rid, info)
 
 
 def _socket_file(endpoint: str) -> tuple[str, int | None]:

@@ -10,6 +10,9 @@ Rules (REFERENCE §9 with its recommendations, D36):
   ``high`` for ``escalate_after`` consecutive samples (the last action did not help),
   never because usage crossed ``high`` again after dipping under it: pressure that
   oscillates around ``high`` costs one action, not a storm.
+* **Forced checks.** ``decide(sample, force=True)`` (``force_scheduler_check()``) acts
+  on any sample at or above ``high``, even a disarmed policy's (reason ``forced``):
+  the caller asked for an action now, not for one more sample of the settling count.
 * **Routing by resource.** RAM pressure goes through the RAM-backed cache tiers first
   (``ram``, then ``ram_file``: tmpfs pages are not "available" memory, disk rows free
   nothing), then idle workers' contexts, then idle models past ``keep_alive``. VRAM
@@ -28,6 +31,7 @@ from typing import Literal
 from erllama.scheduler.sampler import Resource, Sample
 
 Step = Literal["ram", "ram_file", "workers", "unload"]
+PlanReason = Literal["above_high", "escalate", "forced"]
 ROW_STEPS: tuple[Step, ...] = ("ram", "ram_file")
 BYTE_STEPS = frozenset({"ram", "ram_file"})
 """Steps whose freed bytes are known (cache rows); the others end a plan once they act."""
@@ -51,13 +55,13 @@ class Thresholds:
 class Plan:
     target_bytes: int
     steps: tuple[Step, ...]
-    reason: Literal["above_high", "escalate"]
+    reason: PlanReason
     sample: Sample
 
 
 @dataclass(frozen=True, slots=True)
 class Skip:
-    reason: Literal["no_sample", "below_watermark", "in_band", "settling"]
+    reason: Literal["no_sample", "below_watermark", "in_band", "settling", "busy"]
 
 
 Decision = Plan | Skip
@@ -92,7 +96,7 @@ class PressurePolicy:
     above: int = 0  # consecutive samples at/above high since the last action
     fired: int = 0
 
-    def decide(self, sample: Sample | None) -> Decision:
+    def decide(self, sample: Sample | None, *, force: bool = False) -> Decision:
         t = self.thresholds
         if sample is None or sample.total <= 0:
             return Skip("no_sample")
@@ -105,12 +109,14 @@ class PressurePolicy:
             return Skip("in_band")
         if self.armed:
             return self._fire(sample, "above_high")
+        if force:
+            return self._fire(sample, "forced")
         self.above += 1
         if self.above >= t.escalate_after:
             return self._fire(sample, "escalate")
         return Skip("settling")
 
-    def _fire(self, sample: Sample, reason: Literal["above_high", "escalate"]) -> Plan:
+    def _fire(self, sample: Sample, reason: PlanReason) -> Plan:
         self.armed = False
         self.above = 0
         self.fired += 1

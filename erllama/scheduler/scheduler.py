@@ -2,26 +2,34 @@
 
 Sockets:
     connects  DEALER ``control.sock`` (identity = child id; handshake, pings, Stop)
+    binds     ROUTER ``scheduler.sock`` (the router forwards ``scheduler_status``,
+              ``scheduler_enable``, ``scheduler_set_thresholds``,
+              ``scheduler_force_check`` and ``vram_info``: ``api.SchedulerApi``)
     connects  DEALER ``meta.sock`` (main thread: ``scheduler_report``, fire and forget)
     connects  DEALER ``meta.sock`` (action thread: ``demote``, ``evict_bytes``,
               ``tier_stats``, ``add_counters``)
     connects  DEALER the router's client endpoint (action thread: ``list_models``,
               ``evict(release_context)``, ``unload``; a client like any other)
 
-Init: ``{"scheduler": SchedulerConfig, "daemon_id": str, "endpoint": str}``.
+Init: ``{"scheduler": SchedulerConfig, "daemon_id": str, "endpoint": str}``; the
+settings a previous incarnation was given at run time win (``overrides``).
+
+The root starts the scheduler whether ``enabled`` or not (REFERENCE §9: "the scheduler
+always starts; its timer runs only while enabled"). Disabled, it samples nothing and
+only answers its socket (and NVML for ``vram_info``); enabled, it checks the pressure
+every ``interval_s``.
 
 Threads:
 
-* main: one ``zmq.Poller`` over the control socket and a signal wakeup pipe; the poll
-  timeout is the next tick (a fixed interval, deadline-driven, so a Stop is seen at
-  once). Each tick samples (NVML is read on the sampler's own thread with a timeout),
-  asks ``policy.PressurePolicy`` for a decision, hands a ``Plan`` to the action thread
-  (skipped while one still runs) and reports its status to meta (``erllama status``).
-* actions: runs a plan's steps in order until the projected usage is under the low
-  watermark (``policy.Progress``): (1) ram rows, (2) ram_file rows, both demoted into
-  ``demote_to`` when that tier is configured, else evicted; (3) idle workers save and
-  free their llama context; (4) idle models past ``keep_alive_s`` are unloaded (their
-  rows stay). Every step is a log line with stable words and a counter in meta.
+* main: one ``zmq.Poller`` over the control socket, ``scheduler.sock``, the action
+  thread's done pipe and a signal wakeup pipe; the poll timeout is the next tick while
+  enabled (a fixed interval, deadline-driven, so a Stop is seen at once) or a forced
+  check's reply deadline. Each check samples (NVML is read on the sampler's own thread
+  with a timeout), asks ``policy.PressurePolicy`` for a decision, hands a ``Plan`` to
+  the action thread (skipped while one still runs) and reports its status to meta
+  (``erllama status``).
+* actions: runs a plan's steps (``actions.Actions``) and, when the plan ends, writes
+  a byte to the done pipe: the main thread then answers the forced checks waiting.
 
 Stop: ``Stop`` on control, or SIGTERM/SIGINT: the action thread gets its sentinel and
 is joined (bounded), sockets close, exit 0.
@@ -29,209 +37,53 @@ is joined (bounded), sockets close, exit 0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any
 
 import msgspec
 import zmq
 
 from erllama import lifecycle, logs
 from erllama.cache.client import MetaClient, MetaUnavailable
-from erllama.config import SchedulerConfig
-from erllama.protocol.codec import Decoder, decode_result, encode
-from erllama.protocol.errors import ErllamaError, ErrorCode
+from erllama.config import SchedulerConfig, validate_watermarks
+from erllama.protocol.codec import encode
+from erllama.protocol.errors import ErllamaError, ErrorCode, NotSupportedError
 from erllama.protocol.messages import (
-    TERMINAL_REPLIES,
-    ClientReply,
-    ErrorReply,
-    Evict,
-    ListModels,
-    ModelInfo,
-    Msg,
-    Reply,
+    SchedulerAction,
+    SchedulerCheck,
+    SchedulerStatus,
     Stop,
-    Unload,
+    VramInfo,
 )
 from erllama.protocol.meta_messages import SchedulerReport
 from erllama.protocol.sockets import CLIENT_SOCK, META_SOCK, ipc_endpoint, make_socket
-from erllama.scheduler.policy import Plan, PressurePolicy, Progress, Skip, Step, Thresholds
+from erllama.scheduler import overrides
+from erllama.scheduler.actions import Actions, DaemonLink
+from erllama.scheduler.api import SchedulerApi
+from erllama.scheduler.policy import Plan, PressurePolicy, Skip, Thresholds
 from erllama.scheduler.sampler import NvmlSampler, Sample, Sampler, make_sampler
 
-__all__ = ["Actions", "Scheduler", "main"]
+__all__ = ["Scheduler", "main", "serve"]
 
 log = logging.getLogger(__name__)
 
-EVICT_TIMEOUT_S = 40.0  # a worker's evict save may take up to 30 s (engine)
-UNLOAD_TIMEOUT_S = 120.0
-LIST_TIMEOUT_S = 5.0
-DEMOTE_TIMEOUT_S = 120.0
 JOIN_TIMEOUT_S = 10.0
 
 
-class DaemonLink:
-    """A client DEALER to the router (Lazy Pirate: a timeout rebuilds the socket)."""
-
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> None:
-        self._ctx = ctx
-        self.endpoint = endpoint
-        self._sock: zmq.Socket[bytes] | None = None
-        self._n = 0
-        self._decoder: Decoder[Any] = Decoder(ClientReply)
-
-    def call(self, msg: Msg, timeout_s: float) -> Reply | ErrorReply:
-        if self._sock is None:
-            self._sock = make_socket(self._ctx, zmq.DEALER, connect=self.endpoint)
-        self._n += 1
-        msg = msgspec.structs.replace(msg, request_id=f"sched{os.getpid()}.{self._n}")
-        self._sock.send_multipart(encode(msg))
-        deadline = time.monotonic() + timeout_s
-        while (left := deadline - time.monotonic()) > 0:
-            if not self._sock.poll(max(1, int(left * 1000))):
-                continue
-            r = self._decoder.decode(self._sock.recv_multipart())
-            if r.request_id == msg.request_id and type(r) in TERMINAL_REPLIES:
-                return r  # type: ignore[no-any-return]
-        self.close()
-        raise ErllamaError(f"no answer from the router within {timeout_s}s", code="timeout")
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
-
-
-@dataclass(slots=True)
-class StepResult:
-    step: Step
-    n: int
-    freed: int
-
-
-class Actions:
-    """The steps of a plan, against meta and the router (runs on the action thread)."""
-
-    def __init__(self, cfg: SchedulerConfig, meta: MetaClient, daemon: DaemonLink) -> None:
-        self.cfg = cfg
-        self.meta = meta
-        self.daemon = daemon
-
-    def run(self, plan: Plan) -> Progress:
-        prog = Progress(plan)
-        log.info(
-            "event=pressure resource=%s used=%d total=%d ratio=%.4f target=%d reason=%s steps=%s",
-            plan.sample.resource, plan.sample.used, plan.sample.total, plan.sample.ratio,
-            plan.target_bytes, plan.reason, ",".join(plan.steps),
-        )  # fmt: skip
-        tiers = self._tiers()
-        for step in plan.steps:
-            if prog.ended:
-                break
-            try:
-                r = self._step(step, prog.remaining, tiers)
-            except ErllamaError as exc:  # meta or router unavailable: try the next step
-                log.warning("event=step_failed step=%s reason=%s", step, exc)
-                r = StepResult(step, 0, 0)
-            prog.record(step, r.n, r.freed)
-        log.info(
-            "event=plan_done projected_used=%d remaining=%d steps=%s",
-            prog.projected_used, max(0, prog.remaining),
-            ";".join(f"{s}:{n}:{b}" for s, n, b in prog.done_steps),
-        )  # fmt: skip
-        return prog
-
-    def _tiers(self) -> set[str]:
-        try:
-            return {t.name for t in self.meta.tier_stats()}
-        except ErllamaError:
-            return set()
-
-    def _step(self, step: Step, remaining: int, tiers: set[str]) -> StepResult:
-        if step in ("ram", "ram_file"):
-            return self._rows(step, max(remaining, 1), tiers)
-        if step == "workers":
-            return self._workers()
-        return self._unload()
-
-    def _rows(self, tier: Step, target: int, tiers: set[str]) -> StepResult:
-        if tier not in tiers:
-            return StepResult(tier, 0, 0)
-        to = self.cfg.demote_to
-        if to is not None and to in tiers and to != tier:
-            res = self.meta.demote(target, [tier], to, timeout_s=DEMOTE_TIMEOUT_S)
-            log.info(
-                "event=demote tier=%s to=%s rows=%d evicted=%d bytes=%d",
-                tier, to, res.demoted, res.evicted, res.bytes_freed,
-            )  # fmt: skip
-            self._count(rows_evicted=res.evicted, bytes_freed=res.bytes_freed)
-            return StepResult(tier, res.demoted + res.evicted, res.bytes_freed)
-        n, freed = self.meta.evict_bytes(target, [tier])
-        log.info("event=evict tier=%s rows=%d bytes=%d", tier, n, freed)
-        self._count(rows_evicted=n, bytes_freed=freed)
-        return StepResult(tier, n, freed)
-
-    def _models(self) -> list[ModelInfo]:
-        r = self.daemon.call(ListModels(), LIST_TIMEOUT_S)
-        if isinstance(r, ErrorReply):
-            raise ErllamaError(f"list_models: {r.message}", code=r.code)
-        return decode_result(r.result, list[ModelInfo])
-
-    @staticmethod
-    def _idle(m: ModelInfo) -> bool:
-        return m.state == "ready" and m.phase == "idle" and m.pending_len == 0
-
-    def _workers(self) -> StepResult:
-        if not self.cfg.evict_idle_workers:
-            return StepResult("workers", 0, 0)
-        idle = [m for m in self._models() if self._idle(m)]
-        idle.sort(key=lambda m: -(m.idle_s or 0.0))  # least recently used first
-        n = 0
-        for m in idle:
-            r = self.daemon.call(Evict(model=m.id, release_context=True), EVICT_TIMEOUT_S)
-            released = False
-            if isinstance(r, Reply):
-                try:
-                    released = bool(decode_result(r.result, dict[str, bool]).get("released"))
-                except ErllamaError:
-                    released = False
-            log.info(
-                "event=evict_worker model=%s released=%s idle_s=%s%s",
-                m.id, released, m.idle_s,
-                f" error={r.code}" if isinstance(r, ErrorReply) else "",
-            )  # fmt: skip
-            n += released
-        self._count(workers_evicted=n)
-        return StepResult("workers", n, 0)
-
-    def _unload(self) -> StepResult:
-        n = 0
-        for m in self._models():
-            ka = m.keep_alive_s
-            if ka is None or not self._idle(m) or (m.idle_s or 0.0) < ka:
-                continue
-            r = self.daemon.call(Unload(model=m.id), UNLOAD_TIMEOUT_S)
-            ok = isinstance(r, Reply)
-            log.info(
-                "event=unload model=%s idle_s=%s keep_alive_s=%g ok=%s%s",
-                m.id, m.idle_s, ka, ok, "" if ok else f" error={r.code}",  # type: ignore[union-attr]
-            )  # fmt: skip
-            n += ok
-        self._count(models_unloaded=n)
-        return StepResult("unload", n, 0)
-
-    def _count(self, **deltas: int) -> None:
-        d = {k: v for k, v in deltas.items() if v}
-        if d:
-            self.meta.add_counters(d)
+def _thresholds(cfg: SchedulerConfig) -> Thresholds:
+    return Thresholds(
+        cfg.high_watermark, cfg.low_watermark, cfg.min_evict_bytes, cfg.escalate_after_samples
+    )
 
 
 class Scheduler:
-    """The main thread's state: sampler, policy, status; the action thread's queue."""
+    """The main thread's state: sampler, policy, switches, status; the action thread's queue."""
 
     def __init__(
         self,
@@ -250,7 +102,9 @@ class Scheduler:
         self.sampler, reason = make_sampler(cfg.pressure_source, run_dir, cfg.custom_sampler)
         self.sampler_reason = reason
         if self.sampler is None:
-            log.warning("event=scheduler_disabled source=%s reason=%s", cfg.pressure_source, reason)
+            log.warning(
+                "event=sampler_unavailable source=%s reason=%s", cfg.pressure_source, reason
+            )
         # vram_info(): the NVML sampler (shared with the pressure source when it is NVML)
         self.vram: NvmlSampler | None = None
         self.vram_reason = ""
@@ -263,25 +117,28 @@ class Scheduler:
             self.vram = nv if nv.available else None
             self.vram_reason = nv.reason
         self.policy = PressurePolicy(
-            Thresholds(
-                cfg.high_watermark,
-                cfg.low_watermark,
-                cfg.min_evict_bytes,
-                cfg.escalate_after_samples,
-            ),
+            _thresholds(cfg),
             evict_tiers=tuple(cfg.evict_tiers),
             workers=cfg.evict_idle_workers,
         )
+        self.next_tick = time.monotonic()
         self.report = make_socket(ctx, zmq.DEALER, connect=ipc_endpoint(run_dir, META_SOCK))
-        self.jobs: queue.SimpleQueue[Plan | None] = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue[tuple[int, Plan] | None] = queue.SimpleQueue()
         self.busy = threading.Event()
+        self.done_r, self.done_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.last_sample: Sample | None = None
         self.sampled_at: float | None = None
         self.last_decision = "none"
-        self.last_action: dict[str, Any] | None = None
+        self.last_action: SchedulerAction | None = None
+        # the last plan that ended: (its number, its action or None, the failure or "")
+        self.last_done: tuple[int, SchedulerAction | None, str] = (0, None, "")
         self.plans = 0
         self._thread = threading.Thread(target=self._action_loop, name="actions", daemon=True)
         self._thread.start()
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.enabled
 
     # ------------------------------------------------------------ action thread
     def _action_loop(self) -> None:
@@ -290,82 +147,160 @@ class Scheduler:
         actions = Actions(self.cfg, meta, daemon)
         try:
             while True:
-                plan = self.jobs.get()
-                if plan is None:
+                job = self.jobs.get()
+                if job is None:
                     return
+                n, plan = job
+                action: SchedulerAction | None = None
+                error = ""
                 try:
                     prog = actions.run(plan)
-                    self.last_action = {
-                        "at": time.time(),
-                        "reason": plan.reason,
-                        "target_bytes": plan.target_bytes,
-                        "steps": [[s, n, b] for s, n, b in prog.done_steps],
-                        "bytes_freed": sum(b for _, _, b in prog.done_steps),
-                    }
+                    action = SchedulerAction(
+                        at=time.time(),
+                        reason=plan.reason,
+                        target_bytes=plan.target_bytes,
+                        steps=list(prog.done_steps),
+                        bytes_freed=sum(b for _, _, b in prog.done_steps),
+                    )
+                    self.last_action = action
                 except (ErllamaError, MetaUnavailable, zmq.ZMQError) as exc:
                     log.warning("event=plan_failed reason=%s", exc)
-                except Exception:
+                    error = str(exc)
+                except Exception as exc:
                     log.exception("event=plan_crashed")
+                    error = f"plan crashed: {exc}"
                 finally:
+                    self.last_done = (n, action, error)
                     self.busy.clear()
+                    with contextlib.suppress(BlockingIOError):  # a byte is there already
+                        os.write(self.done_w, b"x")
         finally:
             daemon.close()
             meta.close()
 
+    def drain_done(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.done_r, 512):
+                pass
+
     # ------------------------------------------------------------ main thread
     def tick(self) -> None:
+        self.check()
+        self.send_report()
+
+    def check(self, *, force: bool = False) -> Plan | Skip:
+        """One pressure check: sample, decide, hand a plan to the action thread."""
         sample = self.sampler.sample() if self.sampler is not None else None
         if sample is not None:
             self.last_sample = sample
             self.sampled_at = time.time()
-        decision = self.policy.decide(sample) if self.sampler is not None else Skip("no_sample")
+        decision = (
+            self.policy.decide(sample, force=force)
+            if self.sampler is not None
+            else Skip("no_sample")
+        )
         if isinstance(decision, Plan):
             if self.busy.is_set():
                 self.last_decision = "busy"
                 log.info("event=skip reason=busy ratio=%.4f", decision.sample.ratio)
-            else:
-                self.busy.set()
-                self.plans += 1
-                self.last_decision = f"plan:{decision.reason}"
-                self.jobs.put(decision)
-        else:
-            if decision.reason != self.last_decision:
-                log.debug("event=skip reason=%s", decision.reason)
-            self.last_decision = decision.reason
+                return Skip("busy")
+            self.busy.set()
+            self.plans += 1
+            self.last_decision = f"plan:{decision.reason}"
+            self.jobs.put((self.plans, decision))
+            return decision
+        if decision.reason != self.last_decision:
+            log.debug("event=skip reason=%s", decision.reason)
+        self.last_decision = decision.reason
+        return decision
+
+    def force_check(self) -> SchedulerCheck | int:
+        """``force_check()``: a check now; a started plan's number to wait for, or the answer."""
+        if not self.enabled:
+            return SchedulerCheck(outcome="skipped", reason="disabled")
+        decision = self.check(force=True)
+        self.send_report()
+        log.info("event=force_check decision=%s", self.last_decision)
+        if isinstance(decision, Plan):
+            return self.plans
+        ratio = self.last_sample.ratio if self.last_sample is not None else None
+        return SchedulerCheck(
+            outcome="skipped",
+            reason=decision.reason,
+            last_ratio=round(ratio, 6) if ratio is not None else None,
+        )
+
+    def set_enabled(self, on: bool) -> None:
+        """``enable(bool)``: enabling re-arms the policy and checks at once."""
+        if on and not self.enabled:
+            self.policy.armed, self.policy.above = True, 0
+            self.next_tick = time.monotonic()
+        self.cfg = msgspec.structs.replace(self.cfg, enabled=on)
+        overrides.save(self.run_dir, self.cfg)
+        log.info("event=%s", "enabled" if on else "disabled")
         self.send_report()
 
-    def status(self) -> dict[str, Any]:
+    def set_thresholds(self, high: float, low: float) -> None:
+        """``set_thresholds(high, low)``: checked like the config.
+
+        Raises:
+            ConfigError: unless ``0 <= low < high <= 1``.
+        """
+        validate_watermarks(high, low)
+        self.cfg = msgspec.structs.replace(self.cfg, high_watermark=high, low_watermark=low)
+        self.policy.thresholds = _thresholds(self.cfg)
+        overrides.save(self.run_dir, self.cfg)
+        log.info("event=thresholds high=%g low=%g", high, low)
+        self.send_report()
+
+    def vram_info(self) -> VramInfo:
+        """NVML read now, whether the scheduler is enabled or not.
+
+        Raises:
+            NotSupportedError: ``no_gpu`` (no NVML, no driver, no GPU).
+            ErllamaError: ``timeout`` when NVML failed or did not answer in time.
+        """
+        if self.vram is None:
+            raise NotSupportedError(self.vram_reason or "no GPU", code=ErrorCode.NO_GPU)
+        v = self.vram.sample()
+        if v is None:
+            raise ErllamaError("NVML read failed or timed out", code=ErrorCode.TIMEOUT)
+        return VramInfo(total_b=v.total, free_b=v.free, used_b=v.used)
+
+    def status(self) -> SchedulerStatus:
         s = self.last_sample
-        vram: dict[str, int] | None = None
+        vram: VramInfo | None = None
         if self.vram is not None:
             v = s if (s is not None and self.vram is self.sampler) else self.vram.sample()
             if v is not None:
-                vram = {"total_b": v.total, "free_b": v.free, "used_b": v.used}
-        return {
-            "enabled": self.sampler is not None,
-            "pressure_source": self.cfg.pressure_source,
-            "sampler": self.sampler.name if self.sampler is not None else None,
-            "sampler_reason": self.sampler_reason,
-            "interval_s": self.cfg.interval_s,
-            "high_watermark": self.cfg.high_watermark,
-            "low_watermark": self.cfg.low_watermark,
-            "min_evict_bytes": self.cfg.min_evict_bytes,
-            "evict_tiers": list(self.cfg.evict_tiers),
-            "resource": s.resource if s is not None else None,
-            "last_used": s.used if s is not None else None,
-            "last_total": s.total if s is not None else None,
-            "last_ratio": round(s.ratio, 6) if s is not None else None,
-            "sampled_at": self.sampled_at,
-            "last_decision": self.last_decision,
-            "last_action": self.last_action,
-            "plans": self.plans,
-            "vram": vram,
-            "vram_reason": self.vram_reason,
-        }
+                vram = VramInfo(total_b=v.total, free_b=v.free, used_b=v.used)
+        cfg = self.cfg
+        return SchedulerStatus(
+            enabled=cfg.enabled,
+            pressure_source=cfg.pressure_source,
+            sampler=self.sampler.name if self.sampler is not None else None,
+            sampler_reason=self.sampler_reason,
+            interval_s=cfg.interval_s,
+            high_watermark=cfg.high_watermark,
+            low_watermark=cfg.low_watermark,
+            min_evict_bytes=cfg.min_evict_bytes,
+            evict_tiers=list(cfg.evict_tiers),
+            resource=s.resource if s is not None else None,
+            last_used=s.used if s is not None else None,
+            last_total=s.total if s is not None else None,
+            last_ratio=round(s.ratio, 6) if s is not None else None,
+            sampled_at=self.sampled_at,
+            last_decision=self.last_decision,
+            last_action=self.last_action,
+            plans=self.plans,
+            vram=vram,
+            vram_reason=self.vram_reason,
+        )
 
     def send_report(self) -> None:
+        report = SchedulerReport(status=msgspec.to_builtins(self.status()))
         try:
-            self.report.send_multipart(encode(SchedulerReport(status=self.status())), zmq.NOBLOCK)
+            self.report.send_multipart(encode(report), zmq.NOBLOCK)
         except zmq.ZMQError:
             log.debug("scheduler report dropped")
 
@@ -377,6 +312,8 @@ class Scheduler:
         if self.vram is not None and self.vram is not self.sampler:
             self.vram.close()
         self.report.close(linger=0)
+        os.close(self.done_r)
+        os.close(self.done_w)
 
 
 # ---------------------------------------------------------------- signals
@@ -388,15 +325,21 @@ def _on_signal(signum: int, frame: object) -> None:
     _stop_requested = True
 
 
-def serve(sched: Scheduler, link: lifecycle.ControlLink, wake_fd: int) -> int:
-    """The main loop: control messages and the fixed-interval tick."""
+def serve(sched: Scheduler, api: SchedulerApi, link: lifecycle.ControlLink, wake_fd: int) -> int:
+    """The main loop: control messages, the scheduler's socket, the tick while enabled."""
     poller = zmq.Poller()
     poller.register(link.socket, zmq.POLLIN)
+    poller.register(api.sock, zmq.POLLIN)
+    poller.register(sched.done_r, zmq.POLLIN)
     poller.register(wake_fd, zmq.POLLIN)
     interval = sched.cfg.interval_s
-    next_tick = time.monotonic()
     while True:
-        timeout = max(0, int((next_tick - time.monotonic()) * 1000))
+        deadline = min(sched.next_tick if sched.enabled else math.inf, api.next_deadline())
+        timeout = (
+            None
+            if deadline == math.inf
+            else max(0, math.ceil((deadline - time.monotonic()) * 1000))
+        )
         events = dict(poller.poll(timeout))
         if events.get(wake_fd):
             try:
@@ -415,13 +358,19 @@ def serve(sched: Scheduler, link: lifecycle.ControlLink, wake_fd: int) -> int:
                     return 0
                 if ctl is not None:
                     log.debug("control message %s ignored", type(ctl).__name__)
+        if events.get(api.sock):
+            api.drain()
+        if events.get(sched.done_r):
+            sched.drain_done()
+            api.plans_done()
         now = time.monotonic()
-        if now >= next_tick:
+        api.expire(now)
+        if sched.enabled and now >= sched.next_tick:
             sched.tick()
             # fixed rate; after a long stall, skip the missed ticks instead of bursting
-            next_tick += interval
-            if next_tick <= now:
-                next_tick = now + interval
+            sched.next_tick += interval
+            if sched.next_tick <= now:
+                sched.next_tick = now + interval
 
 
 def main(run_dir: str, child_id: str) -> int:
@@ -435,26 +384,33 @@ def main(run_dir: str, child_id: str) -> int:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     link = lifecycle.ControlLink(ctx, run_dir, "scheduler", child_id)
     sched: Scheduler | None = None
+    api: SchedulerApi | None = None
     try:
         init = link.handshake()
         try:
             cfg = msgspec.convert(init.config["scheduler"], SchedulerConfig)
+            cfg = overrides.load(run_dir, cfg)
             endpoint = str(init.config.get("endpoint") or ipc_endpoint(run_dir, CLIENT_SOCK))
             sched = Scheduler(ctx, cfg, run_dir, endpoint, f"{child_id}:{os.getpid()}")
-        except (KeyError, TypeError, ValueError, msgspec.ValidationError) as exc:
+            api = SchedulerApi(ctx, run_dir, sched)
+        except (KeyError, TypeError, ValueError, msgspec.ValidationError, zmq.ZMQError) as exc:
             log.error("event=start_failed reason=%s", exc)
             link.start_failed(ErrorCode.BAD_REQUEST, f"bad scheduler config: {exc}")
             return 0
         link.ready({"pid": os.getpid(), "sampler": sched.sampler.name if sched.sampler else None})
         log.info(
-            "event=ready source=%s interval_s=%g high=%g low=%g",
-            cfg.pressure_source, cfg.interval_s, cfg.high_watermark, cfg.low_watermark,
+            "event=ready enabled=%s source=%s interval_s=%g high=%g low=%g",
+            cfg.enabled, cfg.pressure_source, cfg.interval_s, cfg.high_watermark,
+            cfg.low_watermark,
         )  # fmt: skip
-        return serve(sched, link, r)
+        sched.send_report()
+        return serve(sched, api, link, r)
     except ErllamaError as exc:
         log.error("event=scheduler_failed reason=%s", exc)
         return 1
     finally:
+        if api is not None:
+            api.close()
         if sched is not None:
             sched.close()
         signal.set_wakeup_fd(-1)

@@ -31,7 +31,7 @@ Sockets: binds ``control.sock`` (ROUTER; identities are child ids) and
 ``events.sock`` (PUB). Connects nothing. Children bind ``meta.sock`` (meta),
 ``client.sock`` and ``workers.sock`` (router).
 
-Start: meta, then router, then the scheduler (if enabled and installed), then
+Start: meta, then router, then the scheduler (if installed; idle unless enabled), then
 one worker per configured model; each child counts as started at ``Ready``.
 The ``ready`` event of ``child="root"`` is published once every configured
 model is ready or failed.
@@ -414,8 +414,8 @@ class Root:
         self.spawn(self._core_slot("gateway"), now)
 
     def _scheduler_wanted(self) -> bool:
-        if not self.cfg.scheduler.enabled:
-            return False
+        """Always, when installed: a disabled scheduler idles (no sampling) and can be
+        enabled at run time; it also answers ``vram_info`` (docs/ARCHITECTURE.md)."""
         import importlib.util
 
         try:
@@ -423,9 +423,7 @@ class Root:
         except ModuleNotFoundError:
             found = False
         if not found:
-            log.warning(
-                "scheduler enabled but %s is not installed: skipped", self.modules["scheduler"]
-            )
+            log.warning("scheduler %s is not installed: skipped", self.modules["scheduler"])
         return found
 
     def _boot_workers(self, now: float) -> None:

@@ -24,13 +24,16 @@ from erllama.protocol.sockets import (
     CONTROL_SOCK,
     EVENTS_SOCK,
     META_SOCK,
+    SCHEDULER_SOCK,
+    SCHEDULER_STATE,
     WORKERS_SOCK,
 )
 
 log = logging.getLogger(__name__)
 
 PID_FILE = "erllama.pid"
-SOCKET_FILES = (CLIENT_SOCK, WORKERS_SOCK, CONTROL_SOCK, META_SOCK, EVENTS_SOCK)
+SOCKET_FILES = (CLIENT_SOCK, WORKERS_SOCK, CONTROL_SOCK, META_SOCK, EVENTS_SOCK, SCHEDULER_SOCK)
+STATE_FILES = (SCHEDULER_STATE,)  # run-time state of one daemon's life
 SHM_ROOT = Path("/dev/shm")
 
 
@@ -97,9 +100,9 @@ class RunDirLock:
 
 
 def remove_socket_files(run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
-    """Remove the daemon's socket files (stale ones at start, ours at stop)."""
+    """Remove the daemon's socket and state files (stale ones at start, ours at stop)."""
     removed = []
-    for name in (*SOCKET_FILES, *extra):
+    for name in (*SOCKET_FILES, *STATE_FILES, *extra):
         p = run_dir / name
         with contextlib.suppress(FileNotFoundError):
             p.unlink()

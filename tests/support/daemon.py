@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -83,6 +84,24 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
             lines += [f"{k} = {_toml_value(v)}" for k, v in section.items() if v is not None]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+FAKE_NVML_DIR = Path(__file__).resolve().parent / "fake_nvml"
+
+
+def fake_nvml_env(gpus_file: Path, gpus: list[tuple[int, int]]) -> dict[str, str]:
+    """``env`` for ``daemon_factory``: its processes import the fake ``pynvml``
+    (``tests/support/fake_nvml``) that reports ``gpus`` from ``gpus_file`` (rewrite
+    it with ``write_fake_gpus`` to change them)."""
+    write_fake_gpus(gpus_file, gpus)
+    path = os.pathsep.join(p for p in (str(FAKE_NVML_DIR), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, "ERLLAMA_TEST_FAKE_NVML": str(gpus_file)}
+
+
+def write_fake_gpus(gpus_file: Path, gpus: list[tuple[int, int]]) -> None:
+    tmp = gpus_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"gpus": [list(g) for g in gpus]}))
+    tmp.replace(gpus_file)  # never a half-written file
 
 
 # ================================================================ events
@@ -473,10 +492,12 @@ __all__ = [
     "RawClient",
     "daemon",
     "daemon_factory",
+    "fake_nvml_env",
     "stub_model",
     "subscribe",
     "tagged_processes",
     "wait_for_event",
     "wait_until",
     "write_config",
+    "write_fake_gpus",
 ]

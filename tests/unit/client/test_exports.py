@@ -33,6 +33,9 @@ PUBLIC = {
     "ProtocolError",
     "RequestError",
     "RequestTimeoutError",
+    "SchedulerAction",
+    "SchedulerCheck",
+    "SchedulerStatus",
     "Stats",
     "Stream",
     "TierUsage",
@@ -88,6 +91,11 @@ OPERATIONS = {
     "list_adapters",
     "draft_tokens",
     "verify",
+    "scheduler_status",
+    "enable_scheduler",
+    "disable_scheduler",
+    "set_scheduler_thresholds",
+    "force_scheduler_check",
 }
 
 

@@ -1,0 +1,224 @@
+"""``erllama chat``: an interactive multi-turn chat in the terminal, through the model's template.
+
+This module owns the chat loop and its terminal output; ``erllama/cli.py`` wires
+it in as the ``chat`` verb (the endpoint and auth options, the client, the
+``error: <code>: <message>`` exit of a failed start).
+
+Each turn reads one line (prompt ``> ``), appends ``{"role": "user", ...}`` to
+the history, renders the WHOLE history with ``Client.apply_chat_template`` (the
+optional ``--system`` text folded in), streams the reply with ``Client.infer``
+over those tokens, printing text as it arrives, and appends
+``{"role": "assistant", "content": reply}`` (the reply's outer whitespace
+stripped, as chat templates render it). A status line follows each reply::
+
+    [cache: partial 412 tokens, prefill 35 ms, 64 tokens 1.2 s]
+
+(the done event's ``cache_hit_kind``, ``cache_delta.read`` = the warm prefix
+restored, ``prefill_ms``, ``completion_tokens`` and ``generation_ms``), dim on
+a colour terminal (not with ``NO_COLOR`` or ``TERM=dumb``).
+
+Keys: Ctrl-C while a reply streams cancels it (the stream is closed, which
+sends ``Cancel``; then a ``cancel`` call waits for the daemon's answer) and
+drops the turn (the partial reply and its user line: roles keep alternating);
+Ctrl-C at the prompt clears the line and prints a hint; Ctrl-D (EOF) at the
+prompt ends the chat with status 0. A daemon error in a turn prints one line
+``error: <code>: <message>`` and drops the turn. Before the first prompt a
+one-message chat is rendered (not generated), so an unknown model
+(``model_not_loaded``) or a GGUF without a template (``no_template``) fails the
+start with that error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from erllama.client import Client
+from erllama.protocol.errors import ErllamaError
+from erllama.protocol.messages import Stats
+
+PROMPT = "> "
+DEFAULT_MODEL = "default"
+DEFAULT_RESPONSE_TOKENS = 512  # ``infer`` alone would stop at 64
+HINT = "(Ctrl-D quits; Ctrl-C stops a reply)"
+_DIM, _RESET = "\x1b[2m", "\x1b[0m"
+
+
+def _duration(ms: float) -> str:
+    return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
+
+
+def status_line(stats: Stats) -> str:
+    """The line after a reply: cache hit kind and warm tokens, prefill and generation times."""
+    hit: str = stats.cache_hit_kind
+    if stats.cache_delta.read:
+        hit += f" {stats.cache_delta.read} tokens"
+    parts = [
+        f"cache: {hit}",
+        f"prefill {_duration(stats.prefill_ms)}",
+        f"{stats.completion_tokens} tokens {_duration(stats.generation_ms)}",
+    ]
+    if stats.finish_reason != "stop":
+        parts.append(f"finish {stats.finish_reason}")
+    return "[" + ", ".join(parts) + "]"
+
+
+def use_colour(out: TextIO) -> bool:
+    """Dim status lines only on a terminal that wants colour."""
+    term = os.environ.get("TERM", "")
+    return out.isatty() and "NO_COLOR" not in os.environ and term not in ("", "dumb")
+
+
+@dataclass
+class Chat:
+    """One chat: its history and the terminal it talks on.
+
+    Attributes:
+        client: an open ``Client`` of the daemon.
+        model: the model id.
+        system: the system text, or None.
+        options: the ``infer`` options of every turn (``response_tokens``, ...).
+        read_line: reads one line after printing the prompt (``input``).
+        out: the conversation and status lines.
+        err: error lines.
+        history: the turns so far (``{"role", "content"}`` dicts, alternating).
+    """
+
+    client: Client
+    model: str
+    system: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    read_line: Callable[[str], str] = input
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    err: TextIO = field(default_factory=lambda: sys.stderr)
+    history: list[dict[str, str]] = field(default_factory=list)
+
+    def run(self) -> int:
+        """Chat until EOF at the prompt.
+
+        Returns:
+            0 (Ctrl-D at the prompt).
+
+        Raises:
+            ErllamaError: the start failed (``model_not_loaded``, ``no_template``, ...).
+        """
+        self._render([{"role": "user", "content": "hello"}])  # the model and its template
+        self._write(f"chatting with {self.model} {HINT}\n", dim=True)
+        while True:
+            try:
+                line = self.read_line(PROMPT)
+            except EOFError:
+                self._write("\n")
+                return 0
+            except KeyboardInterrupt:
+                self._write(f"\n{HINT}\n", dim=True)
+                continue
+            before = len(self.history)
+            try:
+                if line.strip():
+                    self.turn(line)
+            except KeyboardInterrupt:  # a streaming reply is cancelled already (_reply)
+                del self.history[before:]
+                self._write("\n[cancelled]\n", dim=True)
+
+    def turn(self, text: str) -> None:
+        """One exchange: render the history with ``text``, stream and record the reply.
+
+        On Ctrl-C (raised on) or a daemon error (printed) the history is left as it was.
+        """
+        before = len(self.history)
+        try:
+            self.history.append({"role": "user", "content": text})
+            reply, stats = self._reply(self._render(self.history))
+            self.history.append({"role": "assistant", "content": reply.strip()})
+        except BaseException as exc:
+            del self.history[before:]
+            if not isinstance(exc, ErllamaError):
+                raise
+            self.out.flush()
+            self.err.write(f"error: {exc.code}: {exc.message}\n")
+            self.err.flush()
+            return
+        if stats is not None:
+            self._write(status_line(stats) + "\n", dim=True)
+
+    def _render(self, messages: list[dict[str, str]]) -> list[int]:
+        request: dict[str, Any] = {"messages": messages}
+        if self.system is not None:
+            request["system"] = self.system
+        return self.client.apply_chat_template(self.model, request)
+
+    def _reply(self, tokens: list[int]) -> tuple[str, Stats | None]:
+        """Stream the reply to ``tokens``; on Ctrl-C cancel it for sure, then re-raise."""
+        parts: list[str] = []
+        stats: Stats | None = None
+        stream = self.client.infer(self.model, tokens, **self.options)
+        interrupted = False
+        try:
+            for event in stream:
+                if event.kind == "token" and event.text:
+                    parts.append(event.text)
+                    self.out.write(event.text)
+                    self.out.flush()
+                elif event.kind == "done":
+                    stats = event.stats
+        except KeyboardInterrupt:
+            interrupted = True  # the caller's "[cancelled]" ends the line
+            stream.close()  # sends Cancel without waiting
+            # ... and this waits until the daemon has it (a second Ctrl-C skips the wait)
+            with contextlib.suppress(ErllamaError, KeyboardInterrupt):
+                self.client.cancel(stream.request_id)
+            raise
+        finally:
+            stream.close()
+            if parts and not interrupted and not parts[-1].endswith("\n"):
+                self.out.write("\n")
+                self.out.flush()
+        return "".join(parts), stats
+
+    def _write(self, text: str, *, dim: bool = False) -> None:
+        body = text.strip("\n")
+        if dim and body and use_colour(self.out):  # newlines stay outside the escapes
+            head, tail = text[: text.index(body)], text[text.index(body) + len(body) :]
+            text = head + _DIM + body + _RESET + tail
+        self.out.write(text)
+        self.out.flush()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``chat`` verb's own arguments (the connection options come from ``cli``)."""
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL", help="the model id")
+    p.add_argument("--system", metavar="TEXT", help="a system message for the whole chat")
+    p.add_argument(
+        "--response-tokens",
+        type=int,
+        default=DEFAULT_RESPONSE_TOKENS,
+        metavar="N",
+        help=f"cap on the tokens of each reply (default: {DEFAULT_RESPONSE_TOKENS})",
+    )
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: greedy)")
+    p.add_argument("--seed", type=int, help="sampling seed (with --temperature)")
+
+
+def run_chat(client: Client, args: argparse.Namespace) -> int:
+    """Run the ``chat`` verb on an open client (line editing when stdin is a terminal)."""
+    if sys.stdin.isatty():
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (input() gets line editing and history)
+    options: dict[str, Any] = {
+        "response_tokens": args.response_tokens,
+        "temperature": args.temperature,
+        "seed": args.seed,
+    }
+    chat = Chat(
+        client,
+        args.model,
+        system=args.system,
+        options={k: v for k, v in options.items() if v is not None},
+    )
+    return chat.run()
