@@ -12,6 +12,7 @@ Anthropic's events: ``message_start``, ``content_block_start`` / ``_delta`` / ``
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -279,6 +280,9 @@ class Anthropic:
             except ApiError as exc:
                 self.ctx.failed(API, model, exc)
                 yield event("error", exc.body(API))
+            except asyncio.CancelledError:  # the HTTP client left: the stream is cancelled
+                self.ctx.failed(API, model, ClientGoneError())
+                raise
             finally:
                 await events.aclose()
 

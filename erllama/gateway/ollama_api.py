@@ -12,6 +12,7 @@ is passed to the request.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -252,6 +253,9 @@ class Ollama:
             except ApiError as exc:
                 self.ctx.failed(API, req.model, exc)
                 yield msgspec.json.encode(exc.body(API)) + b"\n"
+            except asyncio.CancelledError:  # the HTTP client left: the stream is cancelled
+                self.ctx.failed(API, req.model, ClientGoneError())
+                raise
             finally:
                 await events.aclose()
 

@@ -14,6 +14,7 @@ and ``echo`` are refused (400), never silently ignored.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from functools import partial
@@ -101,14 +102,14 @@ class ChatRequest(Sampling, kw_only=True):
 
 
 class CompletionRequest(Sampling, kw_only=True):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[Any]  # a text, a list of one text, or token ids
     echo: bool = False
     suffix: str | None = None
 
 
 class EmbeddingRequest(msgspec.Struct):
     model: str
-    input: str | list[str] | list[int] | list[list[int]]
+    input: str | list[Any]  # a text, texts, token ids, or lists of token ids
     encoding_format: str = "float"
 
 
@@ -172,6 +173,15 @@ def chat_request(req: ChatRequest) -> dict[str, Any]:
             for t in req.tools
         ]
     return out
+
+
+def token_list(value: Any, name: str) -> list[int]:
+    """A list of token ids (400 naming ``name`` for anything else)."""
+    if not isinstance(value, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
+    ):
+        raise bad(f"{name} must be a text, a list of texts or a list of token ids", name)
+    return value
 
 
 def usage(stats: Stats) -> dict[str, Any]:
@@ -261,7 +271,7 @@ class OpenAI:
             opts.parse_special = True
             run = self.ctx.run(req.model, prompt=prompt, opts=opts)
         else:
-            run = self.ctx.run(req.model, tokens=[int(t) for t in prompt], opts=opts)
+            run = self.ctx.run(req.model, tokens=token_list(prompt, "prompt"), opts=opts)
         return await self._answer(request, req, run, chat=False)
 
     async def _answer(self, request: Request, req: Sampling, run: Run, *, chat: bool) -> Response:
@@ -364,6 +374,9 @@ class OpenAI:
             except ApiError as exc:
                 self.ctx.failed(API, model, exc)
                 yield sse(exc.body(API))
+            except asyncio.CancelledError:  # the HTTP client left: the stream is cancelled
+                self.ctx.failed(API, model, ClientGoneError())
+                raise
             finally:
                 await events.aclose()
             yield b"data: [DONE]\n\n"
@@ -380,9 +393,9 @@ class OpenAI:
         if isinstance(raw, str):
             inputs = [raw]
         elif raw and isinstance(raw[0], int):
-            inputs = [[int(t) for t in raw]]
+            inputs = [token_list(raw, "input")]
         else:
-            inputs = list(raw)  # type: ignore[arg-type]
+            inputs = [x if isinstance(x, str) else token_list(x, "input") for x in raw]  # type: ignore[arg-type]
         if not inputs:
             raise bad("input is empty", "input")
         data, n_tokens = [], 0

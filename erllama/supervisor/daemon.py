@@ -293,11 +293,10 @@ class Root:
             for w in slot.load_waiters:
                 self.control.reply_ok(w, slot.model_id)
             slot.load_waiters.clear()
+        extra = {"listen": slot.listen} if slot.spec.role == "gateway" else {}
         self.events.publish(
-            "ready", slot.child_id, slot.proc.pid, incarnation=slot.tracker.incarnation
+            "ready", slot.child_id, slot.proc.pid, incarnation=slot.tracker.incarnation, **extra
         )
-        if slot.spec.role == "gateway" and slot.listen:
-            self.events.publish("http_listening", slot.child_id, slot.proc.pid, listen=slot.listen)
         self._boot_advance(now)
 
     def on_pong(self, slot: Slot, active: int, progress: int, now: float) -> None:

@@ -64,7 +64,7 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, int | float):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(v)  # a JSON string is a TOML basic string (escapes included)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
@@ -318,6 +318,14 @@ class Daemon:
             )
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}\n--- daemon log tail ---\n{self.log_tail()}") from None
+
+    def http_url(self) -> str:
+        """``http://HOST:PORT`` of the gateway (from its ``ready`` event, listen included)."""
+        for ev in reversed(self.seen):
+            if ev.get("event") == "ready" and ev.get("child") == "gateway":
+                return f"http://{ev['listen']}"
+        ev = self.wait_for_event("ready", 30, child="gateway")
+        return f"http://{ev['listen']}"
 
     def client(self) -> RawClient:
         c = RawClient(self.ctx, self.endpoint)
