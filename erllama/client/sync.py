@@ -478,7 +478,9 @@ class Client:
                 (32 bytes or 64 hex), ``session_id``, ``temperature``,
                 ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
                 ``seed``, ``grammar``, ``stop_sequences``, ``thinking``,
-                ``thinking_budget_tokens``.
+                ``thinking_budget_tokens``, ``keep_alive`` (seconds the model stays
+                loaded once idle after this request; negative: never unload, 0: at
+                once; default: the model's ``keep_alive_s``).
 
         Returns:
             The ``Completion``.
