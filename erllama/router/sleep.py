@@ -39,7 +39,7 @@ from erllama.protocol.messages import (
     WakeWorker,
 )
 from erllama.protocol.meta_messages import AddCounters
-from erllama.router.keepalive import INF, Sleep
+from erllama.router.keepalive import Sleep
 from erllama.router.table import ModelTable
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class Sleeper:
         self.table = table
         self.control = control
         self.meta = meta
-        self._retry_at = INF
+        self._retry_at: float | None = None  # a send to the root failed: try again then
 
     def on_request(self, model: str, msg: Msg) -> Msg | None:
         """A worker op for ``model`` arrived; the reply when the router answers it itself."""
@@ -83,9 +83,9 @@ class Sleeper:
 
     def tick(self, now: float) -> None:
         """Bring the timers up to date (after every batch of messages) and act."""
-        if now < self._retry_at:
+        if self._retry_at is not None and now < self._retry_at:
             return
-        self._retry_at = INF
+        self._retry_at = None
         for eff in self.table.keep_alive.step(now, self.table.views()):
             if isinstance(eff, Sleep):
                 detail = f" idle_s={eff.idle_s:.3f} keep_alive_s={eff.keep_alive_s:g}"
@@ -99,7 +99,9 @@ class Sleeper:
 
     def next_deadline(self) -> float:
         """The next ``tick`` that has work of its own (a timer, or a retry)."""
-        return self._retry_at if self._retry_at < INF else self.table.keep_alive.next_deadline()
+        if self._retry_at is not None:
+            return self._retry_at
+        return self.table.keep_alive.next_deadline()
 
     def _sleep(self, model: str, reason: SleepReason, detail: str) -> bool:
         if not self._to_root(SleepWorker(model=model, reason=reason)):
