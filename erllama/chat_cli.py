@@ -33,8 +33,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -111,7 +112,8 @@ class Chat:
         self._write(f"chatting with {self.model} {HINT}\n", dim=True)
         while True:
             try:
-                line = self.read_line(PROMPT)
+                with sigint_allowed():
+                    line = self.read_line(PROMPT)
             except EOFError:
                 self._write("\n")
                 return 0
@@ -160,13 +162,14 @@ class Chat:
         stream = self.client.infer(self.model, tokens, **self.options)
         interrupted = False
         try:
-            for event in stream:
-                if event.kind == "token" and event.text:
-                    parts.append(event.text)
-                    self.out.write(event.text)
-                    self.out.flush()
-                elif event.kind == "done":
-                    stats = event.stats
+            with sigint_allowed():
+                for event in stream:
+                    if event.kind == "token" and event.text:
+                        parts.append(event.text)
+                        self.out.write(event.text)
+                        self.out.flush()
+                    elif event.kind == "done":
+                        stats = event.stats
         except KeyboardInterrupt:
             interrupted = True  # the caller's "[cancelled]" ends the line
             stream.close()  # sends Cancel without waiting
@@ -188,6 +191,33 @@ class Chat:
             text = head + _DIM + body + _RESET + tail
         self.out.write(text)
         self.out.flush()
+
+
+@contextlib.contextmanager
+def sigint_blocked() -> Iterator[None]:
+    """Block SIGINT in this thread, and so in every thread it starts (they inherit it).
+
+    Ctrl-C must reach the main thread: a SIGINT the kernel hands to a ZeroMQ I/O thread
+    (or pyzmq's gc thread) runs Python's handler there, while ``input()`` keeps waiting
+    in readline's ``select`` until the next key, so a Ctrl-C at the prompt would seem
+    lost. The chat runs blocked and opens SIGINT only where it waits for the user or a
+    reply (``sigint_allowed``); a SIGINT that came meanwhile is delivered then.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def sigint_allowed() -> Iterator[None]:
+    """Let SIGINT in on this thread (inside ``sigint_blocked``)."""
+    old = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -30,6 +30,7 @@ exits 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tomllib
@@ -265,7 +266,9 @@ def cmd_complete(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(chat_cli.sigint_blocked())  # Ctrl-C only where the chat waits
+        c = stack.enter_context(_client(args))
         return chat_cli.run_chat(c, args)
 
 

@@ -152,9 +152,16 @@ class ModelSpec(_Section, frozen=True):
     thinking_signing_key: str | None = None
     restart: RestartPolicy = RestartPolicy()
     stub: StubOpts = StubOpts()
-    # The scheduler unloads the model under memory pressure once it has been idle this
-    # long (its cache rows stay); None: never (REFERENCE §9 R, Ollama's keep_alive).
-    keep_alive_s: float | None = None
+    # Idle timer (Ollama's keep_alive): once the model has had no request in flight and
+    # none held for this long, its worker stops (shutdown saves run) and the model stays
+    # registered as "sleeping"; the next request loads it again and its cache rows hit
+    # warm. A request's own keep_alive overrides it for the idle period after it. 300 s,
+    # Ollama's default: a chat user's pauses between turns stay well inside it, while an
+    # idle daemon gives its weights and context memory back within minutes; a wake costs
+    # one model load, not a cold prompt. Negative (or None over the wire): never; 0: as
+    # soon as idle. Memory pressure (the scheduler) may put an idle model to sleep
+    # earlier, unless this says never.
+    keep_alive_s: float | None = 300.0
 
 
 class TierConfig(_Section, frozen=True):
@@ -367,8 +374,8 @@ def validate_model_spec(spec: ModelSpec, cache: CacheConfig) -> None:
     _check_hex32("ctx_params_hash", spec.ctx_params_hash)
     if spec.default_response_tokens < 1:
         raise ConfigError("default_response_tokens must be >= 1")
-    if spec.keep_alive_s is not None and spec.keep_alive_s < 0:
-        raise ConfigError("keep_alive_s must be >= 0")
+    if spec.keep_alive_s is not None and spec.keep_alive_s != spec.keep_alive_s:
+        raise ConfigError("keep_alive_s must be a number (negative: never unload)")
     try:
         chat_templates.check_option(spec.chat_template)
     except ValueError as exc:

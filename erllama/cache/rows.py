@@ -59,7 +59,10 @@ COUNTER_NAMES: tuple[str, ...] = (
     "rows_demoted",  # rows moved into a lower tier instead of evicted (still hits)
     "bytes_freed",  # bytes of RAM-backed rows the scheduler evicted or demoted
     "workers_evicted",  # idle workers told to save and free their llama context
-    "models_unloaded",  # idle models past keep_alive unloaded under pressure
+    "models_unloaded",  # idle models put to sleep under pressure (they wake on a request)
+    # keep_alive (router/keepalive.py)
+    "keep_alive_unloads",  # a model's keep_alive ran out: its worker stopped, model kept
+    "models_reloaded",  # a request woke a sleeping model (its worker started again)
 )
 GAUGES: dict[str, str] = {"bytes_ram": "ram", "bytes_ramfile": "ram_file", "bytes_disk": "disk"}
 """Counters that are current byte usage of a tier (D21): never added to, never reset."""

@@ -294,7 +294,7 @@ def build_options(opts: Mapping[str, Any]) -> RequestOptions:
         )
     if isinstance(stops, tuple):
         raw["stop_sequences"] = list(stops)
-    for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "keep_alive"):
         # an int is a fine float here (temperature=1)
         if isinstance(raw.get(name), int) and not isinstance(raw.get(name), bool):
             raw[name] = float(raw[name])

@@ -487,7 +487,10 @@ class Client:
                 ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
                 ``seed``, ``grammar``, ``stop_sequences``, ``thinking``,
                 ``thinking_budget_tokens``, ``parse_special`` (special-token markers
-                in the prompt become special tokens; default off: plain text).
+                in the prompt become special tokens; default off: plain text),
+                ``keep_alive`` (seconds the model stays loaded once idle after this
+                request; negative: never unload, 0: at once; default: the model's
+                ``keep_alive_s``).
 
         Returns:
             The ``Completion``.

@@ -40,12 +40,17 @@ MAX_CHAT_MESSAGES = 10_000
 MAX_CHAT_TOOLS = 1_000
 MAX_PATH_LEN = 4096
 MAX_ADAPTER_SCALE = 1e6  # |scale| of a LoRA adapter (also keeps NaN and inf off the wire)
+MAX_KEEP_ALIVE_S = 1e9  # |keep_alive| (about 31 years; also keeps NaN and inf off the wire)
 
 Id = Annotated[str, msgspec.Meta(max_length=MAX_ID_LEN)]
 Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT_LEN)]
 TokenBytes = Annotated[bytes, msgspec.Meta(max_length=4 * MAX_TOKENS)]
 Key = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
 Phase = Literal["idle", "prefilling", "generating"]
+# Why the router put a model to sleep: its keep_alive ran out, memory pressure (the
+# scheduler), or an operator's ``sleep_model``.
+SleepReason = Literal["keep_alive", "pressure", "request"]
+KeepAliveS = Annotated[float, msgspec.Meta(ge=-MAX_KEEP_ALIVE_S, le=MAX_KEEP_ALIVE_S)]
 HitKind = Literal["exact", "partial", "cold", "sticky"]
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -114,7 +119,7 @@ class ModelInfo(Result, frozen=True):
     id: str
     model_id: str
     pid: int | None
-    status: str  # idle | prefilling | generating | loading | restarting | failed
+    status: str  # idle | prefilling | generating | loading | restarting | failed | sleeping
     phase: Phase
     pending_len: int
     last_cache_hit: CacheHit | None
@@ -127,14 +132,17 @@ class ModelInfo(Result, frozen=True):
     fingerprint: bytes
     loaded_at_monotonic: int
     vram_estimate_b: int
-    state: str = "ready"  # loading | ready | restarting | failed | stopping
+    # loading | ready | restarting | failed | stopping | sleeping (its worker was stopped
+    # by keep_alive or memory pressure; still registered, the next request wakes it)
+    state: str = "ready"
     restarts: int = 0
     last_exit: str | None = None
-    keep_alive_s: float | None = None  # the spec's keep_alive (scheduler unloads)
+    keep_alive_s: float | None = None  # the spec's keep_alive (None or negative: never)
     idle_s: float | None = None  # seconds since the router last saw the model busy
     # Where its chat template comes from: gguf, builtin:<name>, file:<path>, inline, stub;
     # empty when the model has none (apply_chat_template answers no_template).
     chat_template: str = ""
+    unload_in_s: float | None = None  # until the keep_alive timer fires; None: none runs
 
 
 class StatusRow(Result, frozen=True):
@@ -265,6 +273,10 @@ class RequestOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     # A prompt text's special-token markers (``<start_of_turn>``...) become the special
     # tokens themselves; off (the default), they are tokenized as plain text.
     parse_special: bool = False
+    # Seconds the model stays loaded once idle after this request (Ollama's keep_alive):
+    # overrides the model's keep_alive_s for that idle period; negative: never unload,
+    # 0: unload as soon as idle. None: the model's keep_alive_s.
+    keep_alive: KeepAliveS | None = None
 
 
 class LoadModel(Msg, frozen=True, tag="load_model"):
@@ -349,6 +361,16 @@ class Evict(Msg, frozen=True, tag="evict"):
 
 class ShutdownModel(Msg, frozen=True, tag="shutdown"):
     model: Id
+
+
+class SleepModel(Msg, frozen=True, tag="sleep_model"):
+    """Put an idle model to sleep now: its worker stops (the shutdown saves run), the
+    model stays registered and the next request wakes it. Answered by the router: the
+    reply is ``bool``, False when the model is busy or not ready, or, for
+    ``reason="pressure"`` (the scheduler), when its keep_alive says never."""
+
+    model: Id
+    reason: SleepReason = "request"
 
 
 class GetDaemonStatus(Msg, frozen=True, tag="daemon_status"):
@@ -456,6 +478,7 @@ ClientRequest = (
     | GetCounters
     | Evict
     | ShutdownModel
+    | SleepModel
     | GetDaemonStatus
     | GetVramInfo
     | GetSchedulerStatus
@@ -618,7 +641,7 @@ class ModelStateChanged(Msg, frozen=True, tag="model_state"):
     """Root -> router: the supervisor's view of one model changed."""
 
     model: Id
-    state: Literal["loading", "ready", "restarting", "failed", "unloaded"]
+    state: Literal["loading", "ready", "restarting", "failed", "unloaded", "sleeping"]
     info: ModelInfo | None = None
     last_exit: str | None = None
     restarts: int = 0
@@ -661,6 +684,23 @@ class ShutdownSaving(Msg, frozen=True, tag="shutdown_saving"):
     timeout_s: float
 
 
+class SleepWorker(Msg, frozen=True, tag="sleep_worker"):
+    """Router -> root: stop the model's worker as an unload does (drain, shutdown saves)
+    but keep the model registered, as ``sleeping``. The router sends it when the model's
+    keep_alive runs out or on ``SleepModel``; the root answers with ``ModelStateChanged``
+    (``sleeping`` once the worker is gone)."""
+
+    model: Id
+    reason: SleepReason = "keep_alive"
+
+
+class WakeWorker(Msg, frozen=True, tag="wake_worker"):
+    """Router -> root: a sleeping model has requests held: start its worker again
+    (``ModelStateChanged`` ``loading``, then ``ready``; the router then sends them)."""
+
+    model: Id
+
+
 class HoldersDied(Msg, frozen=True, tag="holders_died"):
     """Root -> meta: release every pin and reservation held by these holders."""
 
@@ -680,4 +720,6 @@ ControlMessage = (
     | HoldersDied
     | AdaptersChanged
     | ShutdownSaving
+    | SleepWorker
+    | WakeWorker
 )

@@ -14,11 +14,12 @@ Messages in / out:
             daemon_status) answered from the table; counters -> meta;
             scheduler ops and vram_info -> the scheduler (own request ids);
             worker ops -> ``[model_id, client_id, ERL1, body]`` (body untouched),
-            or held while the model loads/restarts.
+            or held while the model loads/restarts/sleeps; sleep_model (sleep.py).
     worker  ``[model_id, client_id, ERL1, reply]`` -> ``[client_id, ERL1, reply]``;
             ``[model_id, b"", ERL1, WorkerStatus]`` updates the table.
     root    ``[ERL1, ModelStateChanged | WorkerExited | Ping | Stop]`` (control) and
-            ``[client_id, ERL1, reply]`` (tree-op replies, forwarded to the client).
+            ``[client_id, ERL1, reply]`` (tree-op replies, forwarded to the client);
+            the router sends it ``[ERL1, SleepWorker | WakeWorker]`` (keep_alive, sleep.py).
 
 Bad, oversized or wrong-version client input is answered with an
 ``ErrorReply`` carrying its code and counted; it never stops the loop. A
@@ -67,6 +68,7 @@ from erllama.protocol.messages import (
     Msg,
     QueueDepth,
     Reply,
+    SleepModel,
     Stop,
     TierUsage,
     WorkerExited,
@@ -80,6 +82,7 @@ from erllama.protocol.meta_messages import (
 )
 from erllama.protocol.sockets import META_SOCK, WORKERS_SOCK, ipc_endpoint, make_socket
 from erllama.router.schedlink import SchedulerLink
+from erllama.router.sleep import Sleeper
 from erllama.router.table import Admit, Failure, ModelTable, Pending
 
 log = logging.getLogger(__name__)
@@ -148,6 +151,7 @@ class Router:
             ctx, zmq.DEALER, connect=ipc_endpoint(run_dir, META_SOCK), linger_ms=0
         )
         self.sched = SchedulerLink(ctx, run_dir)
+        self.sleeper = Sleeper(self.table, link.socket, self.meta)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -170,6 +174,7 @@ class Router:
                 )
                 if self.table.waiting_for_route():
                     deadline = min(deadline, self._route_retry_at)
+                deadline = min(deadline, self.sleeper.next_deadline())
                 timeout = (
                     None if deadline == math.inf else max(0, math.ceil((deadline - now) * 1e3))
                 )
@@ -194,6 +199,7 @@ class Router:
                 if now >= self._route_retry_at and self.table.waiting_for_route():
                     for model, pending in self.table.retry_routes().items():
                         self._flush(model, pending)
+                self.sleeper.tick(now)
             return 0
         finally:
             self._close()
@@ -330,6 +336,9 @@ class Router:
                 model = msg.model  # type: ignore[attr-defined]
             if isinstance(msg, Complete):
                 self.table.touch(model)
+            if (answer := self.sleeper.on_request(model, msg)) is not None:
+                self._send_client(client_id, answer)  # a sleeping model stays asleep
+                return
             self._admit(client_id, model, rid, body)
         elif isinstance(msg, ListModels):
             self._send_client(client_id, reply(rid, self.table.list_models()))
@@ -341,6 +350,8 @@ class Router:
                 )
             else:
                 self._send_client(client_id, reply(rid, info))
+        elif isinstance(msg, SleepModel):
+            self._send_client(client_id, reply(rid, self.sleeper.sleep_now(msg.model, msg.reason)))
         elif isinstance(msg, GetStatusRow):
             self._send_client(client_id, reply(rid, self.table.status_row(msg.model)))
         elif isinstance(msg, QueueDepth):

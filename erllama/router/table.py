@@ -8,16 +8,22 @@ error). Unit-tested in ``tests/unit/router/test_table.py``.
 Per model:
 
 * ``state``: ``loading`` / ``ready`` / ``restarting`` / ``failed`` /
-  ``stopping``, from the root (an unloaded model leaves the table).
+  ``stopping`` / ``sleeping``, from the root (an unloaded model leaves the table);
+  ``sleeping`` also from the router itself the moment it asks the root to put the
+  model to sleep (``sleep``), so nothing more is forwarded to a stopping worker.
 * ``status``: the last ``WorkerStatus`` push; ``phase``, ``pending_len``,
   ``last_cache_hit`` and ``queue_depth`` are answered from it, lock-free.
-* ``queue``: requests held while the model is loading or restarting (bounded);
+* ``queue``: requests held while the model is loading, restarting or sleeping (bounded);
   flushed in order once it is ready, failed if it fails or is unloaded.
 * ``forwarded``: requests the worker has and has not finished; a
   ``WorkerExited`` fails them all with ``worker_crashed`` at once.
 
 Every admitted request, held or forwarded, is indexed by ``(client_id,
 request_id)`` so a ``Cancel`` finds its model.
+
+``keep_alive`` (``router/keepalive.py``) holds the models' idle timers; the table
+gives it a ``ModelView`` per model (``views``) and shows its countdown in
+``ModelInfo.unload_in_s``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import msgspec
 
 from erllama.protocol.errors import ErrorCode
 from erllama.protocol.messages import ModelInfo, ModelStateChanged, StatusRow, WorkerStatus
+from erllama.router.keepalive import KeepAlive, ModelView
 
 QUEUE_LIMIT = 1024
 
@@ -82,12 +89,18 @@ class ModelEntry:
     def routable(self) -> bool:
         return self.state in ("ready", "stopping") and self.connected
 
+    @property
+    def busy(self) -> bool:
+        """A request is in flight at the worker or held here."""
+        return bool(self.forwarded or self.queue)
+
 
 class ModelTable:
     def __init__(self, *, queue_limit: int = QUEUE_LIMIT) -> None:
         self.models: dict[str, ModelEntry] = {}
         self.index: dict[Key, str] = {}
         self.queue_limit = queue_limit
+        self.keep_alive = KeepAlive()
 
     # ================================================================ root's view
     def load(self, infos: list[ModelInfo]) -> None:
@@ -193,6 +206,18 @@ class ModelTable:
         if entry is not None:
             entry.last_busy = time.monotonic()
 
+    def sleep(self, model: str) -> None:
+        """The router asked the root to put the model to sleep: hold what comes next."""
+        entry = self.models.get(model)
+        if entry is not None:
+            entry.state = "sleeping"
+            entry.connected = False
+            entry.status = None
+
+    def views(self) -> list[ModelView]:
+        """Each model as the keep-alive timers see it."""
+        return [ModelView(m, e.state, e.busy, e.info.keep_alive_s) for m, e in self.models.items()]
+
     def take_queue(self, model: str) -> list[Pending]:
         """Everything held for ``model``, now counted as forwarded."""
         entry = self.models.get(model)
@@ -273,6 +298,7 @@ class ModelTable:
             pending_len=st.pending_len if st is not None else info.pending_len,
             last_cache_hit=st.last_cache_hit if st is not None else info.last_cache_hit,
             idle_s=round(idle_s, 3),
+            unload_in_s=_round(self.keep_alive.unload_in(model, time.monotonic())),
         )
 
     def list_models(self) -> list[ModelInfo]:
@@ -301,3 +327,7 @@ class ModelTable:
             entry = self.models.get(model)
             return entry.status.queue_depth if entry and entry.status else 0
         return sum(e.status.queue_depth for e in self.models.values() if e.status)
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)

@@ -3,11 +3,13 @@
 Steps, in the plan's order (``policy.steps_for``), until the projected usage is under
 the low watermark (``policy.Progress``): (1) ram rows, (2) ram_file rows, both demoted
 into ``demote_to`` when that tier is configured, else evicted; (3) idle workers save
-and free their llama context; (4) idle models past ``keep_alive_s`` are unloaded
-(their rows stay). Every step is a log line with stable words and a counter in meta.
+and free their llama context; (4) idle models are put to sleep ahead of their
+keep_alive timer (``sleep_model``: the worker stops, the model stays registered and
+wakes on the next request; the router refuses models whose keep_alive says never; their
+rows stay). Every step is a log line with stable words and a counter in meta.
 
 The router is reached like any client (``DaemonLink``: ``list_models``,
-``evict(release_context)``, ``unload``); meta through a ``MetaClient``.
+``evict(release_context)``, ``sleep_model``); meta through a ``MetaClient``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from erllama.protocol.messages import (
     ModelInfo,
     Msg,
     Reply,
-    Unload,
+    SleepModel,
 )
 from erllama.protocol.sockets import make_socket
 from erllama.scheduler.policy import Plan, Progress, Step
@@ -44,7 +46,7 @@ __all__ = ["Actions", "DaemonLink", "StepResult"]
 log = logging.getLogger(__name__)
 
 EVICT_TIMEOUT_S = 40.0  # a worker's evict save may take up to 30 s (engine)
-UNLOAD_TIMEOUT_S = 120.0
+SLEEP_TIMEOUT_S = 10.0  # the router answers at once (the worker stops afterwards)
 LIST_TIMEOUT_S = 5.0
 DEMOTE_TIMEOUT_S = 120.0
 
@@ -184,16 +186,21 @@ class Actions:
         return StepResult("workers", n, 0)
 
     def _unload(self) -> StepResult:
+        idle = [m for m in self._models() if self._idle(m) and m.unload_in_s is not None]
+        idle.sort(key=lambda m: m.unload_in_s or 0.0)  # the timer closest to firing first
         n = 0
-        for m in self._models():
-            ka = m.keep_alive_s
-            if ka is None or not self._idle(m) or (m.idle_s or 0.0) < ka:
-                continue
-            r = self.daemon.call(Unload(model=m.id), UNLOAD_TIMEOUT_S)
-            ok = isinstance(r, Reply)
+        for m in idle:
+            r = self.daemon.call(SleepModel(model=m.id, reason="pressure"), SLEEP_TIMEOUT_S)
+            ok = False
+            if isinstance(r, Reply):
+                try:
+                    ok = decode_result(r.result, bool)
+                except ErllamaError:
+                    ok = False
             log.info(
-                "event=unload model=%s idle_s=%s keep_alive_s=%g ok=%s%s",
-                m.id, m.idle_s, ka, ok, "" if ok else f" error={r.code}",  # type: ignore[union-attr]
+                "event=unload model=%s reason=pressure idle_s=%s unload_in_s=%s ok=%s%s",
+                m.id, m.idle_s, m.unload_in_s, ok,
+                f" error={r.code}" if isinstance(r, ErrorReply) else "",
             )  # fmt: skip
             n += ok
         self._count(models_unloaded=n)

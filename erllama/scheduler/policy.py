@@ -15,7 +15,7 @@ Rules (REFERENCE §9 with its recommendations, D36):
   the caller asked for an action now, not for one more sample of the settling count.
 * **Routing by resource.** RAM pressure goes through the RAM-backed cache tiers first
   (``ram``, then ``ram_file``: tmpfs pages are not "available" memory, disk rows free
-  nothing), then idle workers' contexts, then idle models past ``keep_alive``. VRAM
+  nothing), then idle workers' contexts, then idle models put to sleep early. VRAM
   pressure skips the cache rows (evicting them frees no VRAM) and starts at the workers.
 * **Order within a plan.** Steps run in order until the projected usage is under
   ``low``; a step whose effect is not known in bytes (workers, unloads) ends the plan

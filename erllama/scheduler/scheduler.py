@@ -9,7 +9,7 @@ Sockets:
     connects  DEALER ``meta.sock`` (action thread: ``demote``, ``evict_bytes``,
               ``tier_stats``, ``add_counters``)
     connects  DEALER the router's client endpoint (action thread: ``list_models``,
-              ``evict(release_context)``, ``unload``; a client like any other)
+              ``evict(release_context)``, ``sleep_model``; a client like any other)
 
 Init: ``{"scheduler": SchedulerConfig, "daemon_id": str, "endpoint": str}``; the
 settings a previous incarnation was given at run time win (``overrides``).

@@ -8,7 +8,9 @@ Frame shapes (docs/ARCHITECTURE.md):
 * root -> child: ``[child_id, b"ERL1", body]`` (Init, Ping, Stop; ModelStateChanged and
   WorkerExited to the router; HoldersDied to meta)
 * router -> root: ``[b"router", client_id, b"ERL1", body]`` (LoadModel, Unload),
-  answered ``[b"router", client_id, b"ERL1", reply]``.
+  answered ``[b"router", client_id, b"ERL1", reply]``; and, as the router's own
+  control messages ``[b"router", b"ERL1", body]``, SleepWorker / WakeWorker (keep_alive,
+  handed to ``supervisor/sleeping.py``; answered with ModelStateChanged).
 
 The socket is a ROUTER with ``ROUTER_MANDATORY``: a send to a child that is
 gone raises ``EHOSTUNREACH``, which is caught and logged (the child's death
@@ -41,13 +43,15 @@ from erllama.protocol.messages import (
     Pong,
     Ready,
     ShutdownSaving,
+    SleepWorker,
     StartFailed,
     Stop,
     Unload,
+    WakeWorker,
     WorkerExited,
 )
 from erllama.protocol.sockets import CONTROL_SOCK, ipc_endpoint, make_socket
-from erllama.supervisor import payloads
+from erllama.supervisor import payloads, sleeping
 from erllama.supervisor.slot import Slot, Waiter
 from erllama.supervisor.tree import ChildSpec, ChildState, RestartTracker
 
@@ -151,6 +155,14 @@ class ControlServer:
         elif isinstance(msg, ShutdownSaving):
             if slot.is_worker:
                 self.root.on_shutdown_saving(slot, msg.timeout_s, now)
+        elif isinstance(msg, SleepWorker | WakeWorker) and slot.spec.role == "router":
+            target = self.root.slots.get(f"worker.{msg.model}")
+            if target is None or not target.is_worker:
+                log.info("%s for unknown model %r dropped", type(msg).__name__, msg.model)
+            elif isinstance(msg, SleepWorker):
+                sleeping.sleep_worker(self.root, target, msg.reason, now)
+            else:
+                sleeping.wake_worker(self.root, target, now)
         else:
             log.warning("unexpected %s from %s dropped", type(msg).__name__, child_id)
 

@@ -13,6 +13,7 @@ Data flow::
    (an fd becomes readable  | zmq.Poller |        children: Hello, Ready, StartFailed, Pong,
     when a child exits)     | one loop;  |          AdaptersChanged, ShutdownSaving (workers)
                             |            |        router:   [router, client, ERL1, LoadModel|Unload]
+                            |            |        router:   [router, ERL1, SleepWorker|WakeWorker]
                             | timeout =  |
                             | next timer | ----> control.sock
                             +------------+        children: Init, Ping, Stop
@@ -35,6 +36,10 @@ Start: meta, then router, then the scheduler (if installed; idle unless enabled)
 one worker per configured model; each child counts as started at ``Ready``.
 The ``ready`` event of ``child="root"`` is published once every configured
 model is ready or failed.
+
+Sleep (keep_alive, ``supervisor/sleeping.py``): the router asks, the root stops the
+worker as an unload does but keeps its slot (``sleeping``) and spawns it again on a
+wake.
 
 Stop (SIGTERM/SIGINT): workers first (``Stop(drain)``, shutdown saves), then
 scheduler, router, meta; each child gets ``Stop``, then SIGTERM after
@@ -61,7 +66,7 @@ import zmq
 
 from erllama.config import Config, ConfigError, RestartPolicy, parse_listen, resolve_run_dir
 from erllama.protocol.sockets import CLIENT_SOCK, EVENTS_SOCK, ensure_private_dir, ipc_endpoint
-from erllama.supervisor import rundir
+from erllama.supervisor import rundir, sleeping
 from erllama.supervisor.child import ChildProcess, describe_exit
 from erllama.supervisor.control import ControlServer
 from erllama.supervisor.events import EventPublisher
@@ -240,7 +245,7 @@ class Root:
         self.slots[role] = slot
         return slot
 
-    def spawn(self, slot: Slot, now: float) -> bool:
+    def spawn(self, slot: Slot, now: float, *, waking: bool = False) -> bool:
         proc = ChildProcess(slot.spec, str(self.run_dir))
         try:
             proc.start()
@@ -254,12 +259,13 @@ class Root:
             return False
         incarnation = slot.tracker.on_spawn(now)
         slot.proc = proc
+        slot.waking = waking  # a sleeping model woken: "loading", not "restarting"
         slot.phase = "hello"
         slot.ready_deadline = now + self.sup.ready_timeout_s
         self.poller.register(proc.sentinel, zmq.POLLIN)
         self.events.publish("spawn", slot.child_id, proc.pid, incarnation=incarnation)
         if slot.is_worker:
-            self.control.model_changed(slot, "restarting" if incarnation else "loading")
+            self.control.model_changed(slot, slot.model_state())
         return True
 
     def kill(self, slot: Slot, reason: str) -> None:
@@ -346,9 +352,11 @@ class Root:
                     "backoff", slot.child_id, delay_s=decision.delay_s, reason=reason
                 )
         elif decision.action == "stopped":
-            if slot.is_worker:
+            if not slot.is_worker:
+                self.events.publish("stop", slot.child_id, proc.pid, reason=decision.reason)
+            elif not sleeping.after_stop(self, slot, proc.pid, now):  # asleep: the slot stays
                 self.remove_model(slot, "unloaded before it was ready")
-            self.events.publish("stop", slot.child_id, proc.pid, reason=decision.reason)
+                self.events.publish("stop", slot.child_id, proc.pid, reason=decision.reason)
         else:
             if slot.is_worker:
                 for w in slot.load_waiters:

@@ -13,6 +13,9 @@ restart   a child is being started again after a crash (``restarts``)
 backoff   a restart was scheduled (``delay_s``)
 failed    a child exceeded its restart intensity or could not start (``reason``)
 stop      a child stopped by request; ``child="root"``: the daemon is stopping
+sleep     a worker stopped to sleep (``reason``: keep_alive, pressure, request);
+          its model stays registered as ``sleeping``
+wake      a sleeping model's worker is being started again (a ``spawn`` follows)
 ========  ============================================================
 
 Every event is also logged as ``event=<word> child=<id> pid=<pid> ...``. PUB
@@ -33,7 +36,9 @@ from erllama.protocol.sockets import make_socket
 
 log = logging.getLogger(__name__)
 
-EVENT_WORDS = frozenset({"spawn", "ready", "exit", "restart", "backoff", "failed", "stop"})
+EVENT_WORDS = frozenset(
+    {"spawn", "ready", "exit", "restart", "backoff", "failed", "stop", "sleep", "wake"}
+)
 
 _encoder = msgspec.msgpack.Encoder()
 

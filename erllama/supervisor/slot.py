@@ -5,7 +5,8 @@ same slot, and the tracker counts incarnations and restarts across them. A
 worker slot also carries its model (spec, last ``Ready.info``) and the tree
 operations waiting on it (a ``LoadModel`` is answered at ``Ready``, an
 ``Unload`` at the exit) and its LoRA adapters (the last ``AdaptersChanged``,
-re-attached by every later incarnation).
+re-attached by every later incarnation). A sleeping worker's slot stays with no
+process (``sleep_reason`` set, ``supervisor/sleeping.py``) until a wake spawns it again.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class Slot:
     kill_reason: str | None = None
     load_waiters: list[Waiter] = field(default_factory=list)
     unload_waiters: list[Waiter] = field(default_factory=list)
+    sleep_reason: str | None = None  # stopping to sleep, or asleep (keep_alive, pressure)
+    wake_requested: bool = False  # a wake arrived while it was stopping to sleep
+    waking: bool = False  # this incarnation was started by a wake (its state is loading)
 
     @property
     def child_id(self) -> str:
@@ -74,16 +78,21 @@ class Slot:
         if st is ChildState.STARTING:
             return (
                 "restarting"
-                if self.tracker.ever_ready or self.tracker.incarnation > 0
+                if not self.waking and (self.tracker.ever_ready or self.tracker.incarnation > 0)
                 else "loading"
             )
         if st is ChildState.BACKOFF:
             return "restarting"
         if st is ChildState.STOPPING:
-            return "stopping"
+            return "sleeping" if self.sleep_reason else "stopping"
         if st is ChildState.FAILED:
             return "failed"
-        return "unloaded"
+        return "sleeping" if self.sleep_reason else "unloaded"
+
+    @property
+    def asleep(self) -> bool:
+        """A worker put to sleep whose process is gone (a wake starts it again)."""
+        return self.sleep_reason is not None and self.proc is None
 
     def reset_process_state(self) -> None:
         """Forget everything about the incarnation that just exited."""
@@ -95,6 +104,7 @@ class Slot:
         self.next_ping_at = INF
         self.kill_reason = None
         self.start_failed = None
+        self.waking = False
 
     def next_deadline(self) -> float:
         if self.proc is None:

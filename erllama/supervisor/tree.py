@@ -27,6 +27,8 @@ States::
         |                  |                  \\--intensity--> FAILED
         |                  +--stop requested--> STOPPING --exit--> STOPPED
         +--exit before ready (first start of a worker) --> FAILED
+
+    STOPPED --wake (a sleeping worker, supervisor/sleeping.py)--> STARTING
 """
 
 from __future__ import annotations
@@ -136,6 +138,10 @@ class RestartTracker:
             self.restart_at = None
         elif self.state in (ChildState.STARTING, ChildState.RUNNING):
             self.state = ChildState.STOPPING
+
+    def on_wake(self) -> None:
+        """A worker stopped to sleep starts again: its next exit is judged as any other."""
+        self.stop_requested = False
 
     def next_delay(self) -> float:
         """The backoff the next restart waits (initial * 2**failed_starts, capped)."""

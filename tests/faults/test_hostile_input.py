@@ -54,7 +54,15 @@ from tests.support.daemon import Daemon, DaemonFactory, RawClient
 
 N_CTX = 256
 REQUEST_TYPES: list[type[Any]] = list(ClientRequest.__args__)
-STATEFUL = {"unload", "shutdown", "load_model", "evict", "load_adapter", "unload_adapter"}
+STATEFUL = {
+    "unload",
+    "shutdown",
+    "load_model",
+    "evict",
+    "load_adapter",
+    "unload_adapter",
+    "sleep_model",
+}
 PROBE = "the probe prompt"
 
 

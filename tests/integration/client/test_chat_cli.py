@@ -173,7 +173,11 @@ def test_two_turns_then_ctrl_c_at_the_prompt_and_ctrl_d(chat_daemon: Daemon, spa
     assert m.group(1) == "partial" and int(m.group(2)) == first_prompt + len(SCRIPT), second
     chat.expect("> ")
 
-    chat.send("half a line\x03")  # Ctrl-C at the prompt: a hint, a fresh prompt
+    # Ctrl-C at the prompt: a hint, a fresh prompt. The text first, and its echo: a ^C that
+    # reaches the pty before line editing reads the line flushes it with the input queue.
+    chat.send("half a line")
+    chat.expect("half a line")
+    chat.send("\x03")
     chat.expect("Ctrl-D quits")
     chat.expect("> ")
     chat.send("\x04")  # Ctrl-D at an empty line

@@ -4,6 +4,10 @@ The test writes ``<run_dir>/pressure.json``; the scheduler child samples it ever
 ``interval_s`` and acts through meta (demote / evict) and the router (evict with
 ``release_context``, unload), exactly as under real memory pressure.
 
+The models here say ``keep_alive_s = -1`` (never) unless a test is about sleeping: under
+lasting pressure the scheduler's last step puts idle models to sleep, and these tests
+look at the steps before it.
+
 The test and the scheduler's ticks are not synchronised, so nothing here waits a number of
 intervals: a test waits for what the scheduler reports (the ratio it sampled, its plan
 count, its ``plan_done`` log lines) or for a row in meta.
@@ -18,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 import zmq
 
@@ -33,7 +36,6 @@ from erllama.protocol.messages import (
     GetDaemonStatus,
     GetVramInfo,
     ListModels,
-    LoadModel,
     ModelInfo,
     Reply,
 )
@@ -42,6 +44,7 @@ from tests.support.daemon import Daemon, DaemonFactory, RawClient, stub_model, w
 pytestmark = pytest.mark.timeout(120)
 
 INTERVAL_S = 0.2
+NEVER = {"keep_alive_s": -1.0}  # no idle timer; the pressure step leaves the model alone
 PROMPTS = [f"prompt number {i}: " + "lorem ipsum dolor sit amet " * 3 for i in range(6)]
 
 
@@ -57,7 +60,7 @@ def start(
     if disk:
         tiers.append({"name": "disk", "path": str(tmp_path / "disk"), "budget_bytes": 1 << 30})
     return daemon_factory(
-        models if models is not None else [stub_model("m1")],
+        models if models is not None else [{**stub_model("m1"), **NEVER}],
         cache={"tiers": tiers, "policy": {"min_tokens": 8, "cold_min_tokens": 8}},
         scheduler={
             "enabled": True,
@@ -242,22 +245,37 @@ def test_oscillation_around_high_is_no_storm(daemon_factory: DaemonFactory, tmp_
     assert len(log_events(d, r"event=pressure ")) == 1
 
 
-def test_keep_alive_unload_keeps_rows(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
-    spec = {**stub_model("m1"), "keep_alive_s": 0.3}
-    d = start(daemon_factory, tmp_path, models=[spec], evict_tiers=[])
+def test_pressure_puts_idle_models_to_sleep_and_they_wake_warm(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    # m1's own timer (600 s) would not fire in this test: pressure puts it to sleep early;
+    # m2 says never, so pressure leaves it loaded
+    m1 = {**stub_model("m1"), "keep_alive_s": 600.0}
+    m2 = {**stub_model("m2"), **NEVER}
+    d = start(daemon_factory, tmp_path, models=[m1, m2], evict_tiers=[], evict_idle_workers=False)
     c = d.client()
     first = warm_rows(d, c, 2)
     rows_before = tier(c, "ram")[0]
     pressure(d, 95, 100)
-    wait_until(lambda: counters(c)["models_unloaded"] >= 1, 15, what="keep_alive unload")
-    r = c.call(ListModels())
-    assert isinstance(r, Reply) and decode_result(r.result, list[ModelInfo]) == []
-    assert tier(c, "ram")[0] == rows_before, "an unload keeps the model's rows"
+    wait_until(lambda: counters(c)["models_unloaded"] >= 1, 15, what="a pressure sleep")
+    d.wait_for_event("sleep", 15, child="worker.m1", reason="pressure")
     pressure(d, 10, 100)
-    r = c.call(LoadModel(config=msgspec.to_builtins(spec), model_id="m1"), timeout=30)
-    assert isinstance(r, Reply), r
+    states = {m.id: m.state for m in models(c)}
+    assert states == {"m1": "sleeping", "m2": "ready"}, states
+    assert counters(c)["models_unloaded"] == 1
+    assert tier(c, "ram")[0] >= rows_before, "a sleeping model keeps its rows"
+    # the next request wakes it, and its rows are still hits
+    reloaded = counters(c)["models_reloaded"]
     again = complete(c, PROMPTS[0])
     assert again.cache_hit_kind == "exact" and again.reply == first[0].reply
+    assert counters(c)["models_reloaded"] == reloaded + 1
+    assert {m.id: m.state for m in models(c)}["m1"] == "ready"
+
+
+def models(c: RawClient) -> list[ModelInfo]:
+    r = c.call(ListModels())
+    assert isinstance(r, Reply), r
+    return decode_result(r.result, list[ModelInfo])
 
 
 def test_vram_info_is_no_gpu_here(daemon_factory: DaemonFactory, tmp_path: Path) -> None:

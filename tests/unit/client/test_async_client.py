@@ -161,6 +161,14 @@ async def test_options_are_normalised(router: FakeRouter, endpoint: str) -> None
 
 
 @aio
+async def test_keep_alive_option_is_seconds(router: FakeRouter, endpoint: str) -> None:
+    async with AsyncClient(endpoint) as client:
+        await client.complete("m1", "hi", keep_alive=0)
+        await client.complete("m1", "hi", keep_alive=-1.5)
+    assert [r.options.keep_alive for r in router.of_type(Complete)] == [0.0, -1.5]
+
+
+@aio
 async def test_stream_yields_events_then_stops(router: FakeRouter, endpoint: str) -> None:
     async with AsyncClient(endpoint) as client:
         stream = await client.stream("m1", "hi", response_tokens=2, thinking="enabled")

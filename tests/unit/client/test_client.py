@@ -105,6 +105,8 @@ def test_unknown_option_is_refused_locally(client: Client, router: FakeRouter) -
         {"parent_key": "zz"},
         {"parent_key": b"short"},
         {"thinking": "maybe"},
+        {"keep_alive": "5m"},
+        {"keep_alive": float("nan")},
     ],
 )
 def test_bad_option_types_are_refused(client: Client, opts: dict[str, object]) -> None:
@@ -123,6 +125,15 @@ def test_options_are_normalised(client: Client, router: FakeRouter) -> None:
     assert req.options.temperature == 1.0
     assert req.options.stop_sequences == ["a", "b"]
     assert req.options.top_k is None
+
+
+def test_keep_alive_option_is_seconds(client: Client, router: FakeRouter) -> None:
+    client.complete("m1", "hi", keep_alive=0)
+    client.stream("m1", "hi", keep_alive=-1).close()
+    client.complete("m1", "hi")
+    reqs = router.of_type(Complete)
+    assert [r.options.keep_alive for r in reqs] == [0.0, -1.0, None]
+    assert isinstance(reqs[0].options.keep_alive, float)
 
 
 def test_stream_yields_events_then_stops(client: Client, router: FakeRouter) -> None:

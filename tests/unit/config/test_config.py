@@ -45,6 +45,7 @@ def test_no_config_is_the_bundled_model() -> None:
         ("[cache.policy]\nmin_tokens=0\n", "min_tokens"),
         ("[cache]\nevict_save_timeout_ms=-1\n", "evict_save_timeout_ms"),
         ("[[models]]\nid='a'\nfingerprint='zz'\n", "fingerprint"),
+        ("[[models]]\nid='a'\nkeep_alive_s=nan\n", "keep_alive_s"),
         ("[[models]]\nid='a'\n[models.context_opts]\nn_seq_max=4\nn_batch=4\n", "n_batch"),
         ("[[models]]\nid='a'\n[[models]]\nid='a'\n", "duplicate"),
         ("this is not toml", "erllama.toml"),
@@ -56,6 +57,13 @@ def test_bad_values_name_the_field(tmp_path: Path, toml: str, needle: str) -> No
     with pytest.raises(ConfigError) as ei:
         load_config(p)
     assert needle in str(ei.value)
+
+
+def test_keep_alive_defaults_to_300_and_negative_means_never(tmp_path: Path) -> None:
+    assert ModelSpec().keep_alive_s == 300.0
+    p = tmp_path / "erllama.toml"
+    p.write_text("[[models]]\nid='a'\nkeep_alive_s=-1\n[[models]]\nid='b'\nkeep_alive_s=0\n")
+    assert [m.keep_alive_s for m in load_config(p).models] == [-1.0, 0.0]
 
 
 def test_env_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
