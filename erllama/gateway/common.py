@@ -84,6 +84,7 @@ class GenOptions:
     thinking: str | None = None
     thinking_budget_tokens: int | None = None
     parse_special: bool | None = None
+    keep_alive: float | None = None
 
     def as_kwargs(self) -> dict[str, Any]:
         if self.response_tokens is not None and self.response_tokens < 1:

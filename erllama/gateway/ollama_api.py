@@ -6,8 +6,8 @@ default, as in Ollama) is NDJSON, one object per line, the last with ``done: tru
 the counts and durations (nanoseconds). ``options`` maps ``num_predict``,
 ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repeat_penalty``, ``seed`` and
 ``stop``; other options (``num_ctx``...) are accepted and have no effect, since the
-context is the model's config. ``keep_alive`` (seconds or a duration such as ``"5m"``)
-is passed to the request.
+context is the model's config. ``keep_alive`` (seconds or a duration such as ``"5m"``;
+negative: never) is the request's ``keep_alive``: the model's idle timer after it.
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ def _options(req: Base) -> GenOptions:
     o = req.options or Options()
     if req.format is not None:
         raise bad("format (structured outputs) is not supported on this API yet")
-    keep_alive_s(req.keep_alive)  # validated; the idle timer takes it once models keep_alive
     return GenOptions(
+        keep_alive=keep_alive_s(req.keep_alive),
         response_tokens=o.num_predict if o.num_predict and o.num_predict > 0 else None,
         temperature=o.temperature,
         top_k=o.top_k,
@@ -184,6 +184,17 @@ class Ollama:
     async def generate(self, request: Request) -> Response:
         req = decode_body(await request.body(), GenerateRequest)
         opts = _options(req)
+        if not req.prompt:  # Ollama's "load the model" request: nothing to generate
+            await call(partial(self.ctx.client.model_info, req.model))
+            return JSONResponse(
+                {
+                    "model": req.model,
+                    "created_at": stamp(),
+                    "response": "",
+                    "done": True,
+                    "done_reason": "load",
+                }
+            )
         if req.raw:
             opts.parse_special = True
             run = self.ctx.run(req.model, prompt=req.prompt, opts=opts)

@@ -15,7 +15,9 @@ and ``echo`` are refused (400), never silently ignored.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import struct
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
@@ -385,8 +387,8 @@ class OpenAI:
 
     async def embeddings(self, request: Request) -> Response:
         req = decode_body(await request.body(), EmbeddingRequest)
-        if req.encoding_format != "float":
-            raise bad("only encoding_format = float is supported", "encoding_format")
+        if req.encoding_format not in ("float", "base64"):
+            raise bad("encoding_format must be float or base64", "encoding_format")
         client = self.ctx.client
         inputs: list[str | list[int]]
         raw = req.input
@@ -395,7 +397,7 @@ class OpenAI:
         elif raw and isinstance(raw[0], int):
             inputs = [token_list(raw, "input")]
         else:
-            inputs = [x if isinstance(x, str) else token_list(x, "input") for x in raw]  # type: ignore[arg-type]
+            inputs = [x if isinstance(x, str) else token_list(x, "input") for x in raw]
         if not inputs:
             raise bad("input is empty", "input")
         data, n_tokens = [], 0
@@ -407,6 +409,9 @@ class OpenAI:
             )
             vec = await call(partial(client.embed, req.model, toks))
             n_tokens += len(toks)
-            data.append({"object": "embedding", "index": i, "embedding": vec})
+            out: list[float] | str = vec
+            if req.encoding_format == "base64":  # little-endian float32, as OpenAI sends it
+                out = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": out})
         use = {"prompt_tokens": n_tokens, "total_tokens": n_tokens}
         return JSONResponse({"object": "list", "data": data, "model": req.model, "usage": use})
