@@ -31,6 +31,7 @@ import zmq
 from erllama import lifecycle, logs
 from erllama.config import HttpConfig, parse_listen
 from erllama.gateway.app import build_app
+from erllama.gateway.h11guard import GuardedH11Protocol
 from erllama.protocol.errors import ErllamaError, ErrorCode
 from erllama.protocol.messages import Stop
 
@@ -136,6 +137,7 @@ def main(run_dir: str, child_id: str) -> int:
                 log_config=None,
                 access_log=False,
                 lifespan="on",
+                http=GuardedH11Protocol,
                 timeout_keep_alive=int(max(1, cfg.http.idle_timeout_s)),
                 limit_concurrency=cfg.http.max_connections,
                 h11_max_incomplete_event_size=cfg.http.max_header_bytes,
