@@ -41,7 +41,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
 import zmq
 
 from erllama import lifecycle, logs
@@ -52,6 +51,7 @@ from erllama.cache.ledger import Ledger
 from erllama.cache.rows import DeleteFile, Effects, RowData, Wake
 from erllama.cache.tiers import TierLayout, resolve_final, scan_tier
 from erllama.config import CacheConfig
+from erllama.inits import MetaInit, decode_init
 from erllama.protocol.codec import Decoder, encode, error_reply, peek_request_id, reply
 from erllama.protocol.errors import ErllamaError, ErrorCode, ProtocolError
 from erllama.protocol.messages import HoldersDied, Msg, Stop
@@ -409,10 +409,11 @@ def main(run_dir: str, child_id: str) -> int:
     try:
         init = link.handshake()
         try:
-            cfg = msgspec.convert(init.config["cache"], CacheConfig)
-            layout = TierLayout(cfg.tiers, str(init.config["daemon_id"]))
+            minit = decode_init(init.config, MetaInit)
+            cfg = minit.cache
+            layout = TierLayout(cfg.tiers, minit.daemon_id)
             layout.ensure()
-        except (KeyError, TypeError, ValueError, OSError, msgspec.ValidationError) as exc:
+        except (ProtocolError, ValueError, OSError) as exc:
             log.error("event=start_failed reason=%s", exc)
             link.start_failed(ErrorCode.BAD_REQUEST, f"bad meta config: {exc}")
             return 0

@@ -5,7 +5,7 @@ Sockets:
     connects  DEALER the router's ipc client endpoint (through ``AsyncClient``)
     binds     TCP ``[http] listen`` (HTTP/1.1, uvicorn)
 
-Init: ``{"http": HttpConfig, "endpoint": str}`` (``GatewayInit``).
+Init: ``erllama.inits.GatewayInit``.
 
 Start: the listening socket is bound here, before uvicorn starts, so a busy or
 forbidden address is a clear ``start_failed`` (``eaddrinuse`` / ``eacces``) instead of
@@ -24,26 +24,19 @@ import os
 import socket
 import threading
 
-import msgspec
 import uvicorn
 import zmq
 
 from erllama import lifecycle, logs
-from erllama.config import HttpConfig, parse_listen
+from erllama.config import parse_listen
 from erllama.gateway.app import build_app
 from erllama.gateway.h11guard import GuardedH11Protocol
-from erllama.protocol.errors import ErllamaError, ErrorCode
+from erllama.inits import GatewayInit, decode_init
+from erllama.protocol.errors import ErllamaError, ErrorCode, ProtocolError
 from erllama.protocol.messages import Stop
 
 log = logging.getLogger(__name__)
 CONTROL_POLL_MS = 200
-
-
-class GatewayInit(msgspec.Struct, frozen=True, kw_only=True):
-    """The gateway's ``Init.config``."""
-
-    http: HttpConfig
-    endpoint: str
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -106,11 +99,11 @@ def main(run_dir: str, child_id: str) -> int:
     try:
         init = link.handshake()
         try:
-            cfg = msgspec.convert(init.config, GatewayInit)
+            cfg = decode_init(init.config, GatewayInit)
             addr = parse_listen(cfg.http.listen)
             if addr is None:
                 raise ValueError("http.listen is off: the gateway should not run")
-        except (ValueError, msgspec.ValidationError) as exc:
+        except (ValueError, ProtocolError) as exc:
             link.start_failed(ErrorCode.BAD_REQUEST, f"bad gateway config: {exc}")
             return 1
         try:

@@ -45,7 +45,7 @@ import msgspec
 import zmq
 
 from erllama import lifecycle, logs
-from erllama.config import DaemonConfig
+from erllama.inits import RouterInit, decode_init
 from erllama.protocol.auth import TcpListener, bind_tcp
 from erllama.protocol.codec import PROTOCOL_ID, Decoder, encode, error_reply, peek_request_id, reply
 from erllama.protocol.errors import ErllamaError, ErrorCode, ProtocolError
@@ -63,7 +63,6 @@ from erllama.protocol.messages import (
     GetModelInfo,
     GetStatusRow,
     ListModels,
-    ModelInfo,
     ModelStateChanged,
     Msg,
     QueueDepth,
@@ -115,14 +114,14 @@ class Router:
         ctx: zmq.Context[zmq.Socket[bytes]],
         run_dir: str,
         link: lifecycle.ControlLink,
-        init: dict[str, Any],
+        init: RouterInit,
     ) -> None:
         self.ctx = ctx
         self.run_dir = run_dir
         self.link = link
-        self.endpoint = str(init.get("endpoint") or ipc_endpoint(run_dir, "client.sock"))
+        self.endpoint = init.endpoint or ipc_endpoint(run_dir, "client.sock")
         self.table = ModelTable()
-        self.table.load(msgspec.convert(init.get("models", []), list[ModelInfo]))
+        self.table.load(init.models)
         self.counters = {"router_requests": 0, "router_bad_requests": 0, "router_unroutable": 0}
         self._req_decoder: Decoder[Any] = Decoder(ClientRequest)
         self._push_decoder: Decoder[Any] = Decoder(WorkerPush)
@@ -135,7 +134,7 @@ class Router:
         self.client = make_socket(ctx, zmq.ROUTER, bind=self.endpoint)
         # DESIGN §2: an opt-in TCP endpoint on the same socket, CURVE unless insecure loopback
         self.tcp: TcpListener | None = None
-        daemon_cfg = msgspec.convert(init.get("daemon") or {}, DaemonConfig)
+        daemon_cfg = init.daemon
         if daemon_cfg.tcp_endpoint:
             try:
                 self.tcp = bind_tcp(ctx, self.client, daemon_cfg)
@@ -501,7 +500,13 @@ def main(run_dir: str, child_id: str) -> int:
         except ErllamaError as exc:
             log.error("event=handshake_failed %s", exc)
             return 1
-        endpoint = str(init.config.get("endpoint") or "")
+        try:
+            rinit = decode_init(init.config, RouterInit)
+        except ProtocolError as exc:
+            log.error("event=start_failed %s", exc)
+            link.start_failed(exc.code, exc.message)
+            return 0
+        endpoint = rinit.endpoint
         if endpoint and not endpoint.startswith("ipc://"):
             # DESIGN §2: TCP is opt-in through daemon.tcp_endpoint (CURVE, protocol/auth.py)
             log.error("event=start_failed endpoint=%s: only ipc:// endpoints", endpoint)
@@ -512,7 +517,7 @@ def main(run_dir: str, child_id: str) -> int:
             )
             return 0
         try:
-            router = Router(ctx, run_dir, link, init.config)
+            router = Router(ctx, run_dir, link, rinit)
         except (zmq.ZMQError, msgspec.ValidationError, OSError, ValueError) as exc:
             log.error("event=start_failed %s", exc)
             link.start_failed(ErrorCode.INTERNAL, f"router cannot start: {exc}")

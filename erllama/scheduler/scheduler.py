@@ -52,8 +52,9 @@ import zmq
 from erllama import lifecycle, logs
 from erllama.cache.client import MetaClient, MetaUnavailable
 from erllama.config import SchedulerConfig, validate_watermarks
+from erllama.inits import SchedulerInit, decode_init
 from erllama.protocol.codec import encode
-from erllama.protocol.errors import ErllamaError, ErrorCode, NotSupportedError
+from erllama.protocol.errors import ErllamaError, ErrorCode, NotSupportedError, ProtocolError
 from erllama.protocol.messages import (
     SchedulerAction,
     SchedulerCheck,
@@ -388,12 +389,12 @@ def main(run_dir: str, child_id: str) -> int:
     try:
         init = link.handshake()
         try:
-            cfg = msgspec.convert(init.config["scheduler"], SchedulerConfig)
-            cfg = overrides.load(run_dir, cfg)
-            endpoint = str(init.config.get("endpoint") or ipc_endpoint(run_dir, CLIENT_SOCK))
+            sinit = decode_init(init.config, SchedulerInit)
+            cfg = overrides.load(run_dir, sinit.scheduler)
+            endpoint = sinit.endpoint or ipc_endpoint(run_dir, CLIENT_SOCK)
             sched = Scheduler(ctx, cfg, run_dir, endpoint, f"{child_id}:{os.getpid()}")
             api = SchedulerApi(ctx, run_dir, sched)
-        except (KeyError, TypeError, ValueError, msgspec.ValidationError, zmq.ZMQError) as exc:
+        except (ProtocolError, ValueError, msgspec.ValidationError, zmq.ZMQError) as exc:
             log.error("event=start_failed reason=%s", exc)
             link.start_failed(ErrorCode.BAD_REQUEST, f"bad scheduler config: {exc}")
             return 0

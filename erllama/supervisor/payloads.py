@@ -1,14 +1,9 @@
 """What the root sends its children: ``Init`` payloads and the model views for the router.
 
-Shapes follow docs/ARCHITECTURE.md ("Init payloads"):
-
-* meta: ``{"cache", "daemon_id"}``
-* router: ``{"daemon", "models": [ModelInfo, ...], "endpoint"}``
-* scheduler: ``{"scheduler", "daemon_id", "endpoint"}``
-* gateway: ``{"http", "endpoint"}`` (the router's ipc client endpoint: never TCP/CURVE)
-* worker: ``{"model_id", "model" (id filled, model_path resolved), "cache",
-  "daemon_id", "supervisor", "adapters", "adapter_next_handle"}`` (the adapters the
-  worker last reported, attached again by a restarted worker before it is ready)
+Each payload is one typed struct of ``erllama.inits`` (``MetaInit``, ``RouterInit``,
+``SchedulerInit``, ``GatewayInit``, ``WorkerInit``: docs/ARCHITECTURE.md, "Init
+payloads"), sent as its builtins; the worker's carries the adapters it last reported,
+attached again by a restarted worker before it is ready.
 """
 
 from __future__ import annotations
@@ -21,6 +16,14 @@ from typing import Any
 import msgspec
 
 from erllama.config import Config, ModelSpec
+from erllama.inits import (
+    GatewayInit,
+    MetaInit,
+    RouterInit,
+    SchedulerInit,
+    WorkerInit,
+    encode_init,
+)
 from erllama.protocol.messages import AdaptersChanged, ModelInfo
 from erllama.protocol.sockets import CLIENT_SOCK, ipc_endpoint
 
@@ -33,26 +36,22 @@ def builtins(obj: Any) -> Any:
 
 
 def meta_init(cfg: Config, daemon_id: str) -> dict[str, Any]:
-    return {"cache": builtins(cfg.cache), "daemon_id": daemon_id}
+    return encode_init(MetaInit(cache=cfg.cache, daemon_id=daemon_id))
 
 
 def router_init(cfg: Config, models: list[ModelInfo], endpoint: str) -> dict[str, Any]:
-    return {
-        "daemon": builtins(cfg.daemon),
-        "models": [builtins(m) for m in models],
-        "endpoint": endpoint,
-    }
+    return encode_init(RouterInit(daemon=cfg.daemon, models=models, endpoint=endpoint))
 
 
 def scheduler_init(cfg: Config, daemon_id: str, endpoint: str | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"scheduler": builtins(cfg.scheduler), "daemon_id": daemon_id}
-    if endpoint is not None:  # the router's client endpoint (evict / unload go through it)
-        out["endpoint"] = endpoint
-    return out
+    # endpoint: the router's client endpoint (evict / sleep_model go through it)
+    return encode_init(
+        SchedulerInit(scheduler=cfg.scheduler, daemon_id=daemon_id, endpoint=endpoint)
+    )
 
 
 def gateway_init(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
-    return {"http": builtins(cfg.http), "endpoint": ipc_endpoint(run_dir, CLIENT_SOCK)}
+    return encode_init(GatewayInit(http=cfg.http, endpoint=ipc_endpoint(run_dir, CLIENT_SOCK)))
 
 
 def worker_init(
@@ -62,17 +61,18 @@ def worker_init(
     daemon_id: str,
     adapters: AdaptersChanged | None = None,
 ) -> dict[str, Any]:
-    out = {
-        "model_id": model_id,
-        "model": builtins(spec),
-        "cache": builtins(cfg.cache),
-        "daemon_id": daemon_id,
-        "supervisor": builtins(cfg.supervisor),
-    }
+    init = WorkerInit(
+        model_id=model_id,
+        model=spec,
+        cache=cfg.cache,
+        daemon_id=daemon_id,
+        supervisor=cfg.supervisor,
+    )
     if adapters is not None:
-        out["adapters"] = builtins(adapters.adapters)
-        out["adapter_next_handle"] = adapters.next_handle
-    return out
+        init = msgspec.structs.replace(
+            init, adapters=adapters.adapters, adapter_next_handle=adapters.next_handle
+        )
+    return encode_init(init)
 
 
 def resolve_model_path(spec: ModelSpec) -> ModelSpec:

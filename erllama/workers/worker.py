@@ -69,16 +69,15 @@ from erllama.cache import keys
 from erllama.cache.kvc import KvcError
 from erllama.cache.tiers import TierLayout
 from erllama.config import (
-    CacheConfig,
     ConfigError,
     ModelSpec,
-    SupervisorConfig,
     effective_policy,
 )
+from erllama.inits import WorkerInit, decode_init
 from erllama.lifecycle import set_parent_death_signal
 from erllama.protocol.codec import encode
-from erllama.protocol.errors import ErllamaError, ErrorCode, ModelLoadError
-from erllama.protocol.messages import AdapterRecord, ModelInfo, Msg, Ready, StartFailed
+from erllama.protocol.errors import ErllamaError, ErrorCode, ModelLoadError, ProtocolError
+from erllama.protocol.messages import ModelInfo, Msg, Ready, StartFailed
 from erllama.protocol.sockets import META_SOCK, ipc_endpoint
 from erllama.workers.backend import ModelBackend
 from erllama.workers.cachelink import MetaCache
@@ -94,19 +93,6 @@ HANDSHAKE_TIMEOUT_S = 30.0
 STOP_SLACK = 0.8
 META_TIMEOUT_S = 1.0  # compute-thread lookups: a slow meta must not stall a request long
 WRITER_META_TIMEOUT_S = 2.0
-
-
-class _WorkerInit(msgspec.Struct, kw_only=True):
-    """The worker's ``Init.config`` (docs/ARCHITECTURE.md, "Init payloads")."""
-
-    model_id: str
-    model: ModelSpec
-    cache: CacheConfig = CacheConfig()
-    daemon_id: str = "default"
-    supervisor: SupervisorConfig = SupervisorConfig()
-    # the model's LoRA adapters as the root last heard of them (a restart attaches them again)
-    adapters: list[AdapterRecord] = []
-    adapter_next_handle: int = 1
 
 
 def _dist_version(name: str) -> str:
@@ -279,10 +265,10 @@ def _run(
     signal.signal(signal.SIGINT, on_signal)
 
     try:
-        cfg = msgspec.convert(init.config, _WorkerInit)
+        cfg = decode_init(init.config, WorkerInit)
         spec = msgspec.structs.replace(cfg.model, id=cfg.model.id or cfg.model_id)
         policy = effective_policy(cfg.cache.policy, spec)
-    except (msgspec.ValidationError, ConfigError) as exc:
+    except (ProtocolError, ConfigError) as exc:
         return _start_failed(pair, ErrorCode.BAD_REQUEST, f"bad worker config: {exc}")
     model_id = cfg.model_id
     try:
