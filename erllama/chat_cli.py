@@ -199,9 +199,9 @@ def sigint_blocked() -> Iterator[None]:
 
     Ctrl-C must reach the main thread: a SIGINT the kernel hands to a ZeroMQ I/O thread
     (or pyzmq's gc thread) runs Python's handler there, while ``input()`` keeps waiting
-    in readline's ``select`` until the next key, so a Ctrl-C at the prompt would seem
-    lost. The chat runs blocked and opens SIGINT only where it waits for the user or a
-    reply (``sigint_allowed``); a SIGINT that came meanwhile is delivered then.
+    in ``read`` until the next line, so a Ctrl-C at the prompt would seem lost. The
+    chat runs blocked and opens SIGINT only where it waits for the user or a reply
+    (``sigint_allowed``); a SIGINT that came meanwhile is delivered then.
     """
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
@@ -236,10 +236,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_chat(client: Client, args: argparse.Namespace) -> int:
-    """Run the ``chat`` verb on an open client (line editing when stdin is a terminal)."""
-    if sys.stdin.isatty():
-        with contextlib.suppress(ImportError):
-            import readline  # noqa: F401  (input() gets line editing and history)
+    """Run the ``chat`` verb on an open client.
+
+    Lines are read by the terminal's own line editing (backspace, Ctrl-U, Ctrl-W), not
+    GNU readline: readline handles each key in user space, and a SIGINT that lands
+    while it does is only seen after the next key (CPython checks signals only when
+    its ``select`` is interrupted), so Ctrl-C at the prompt would sometimes do nothing.
+    In the terminal's canonical mode the process sleeps in ``read`` until a whole line
+    or a signal, and Ctrl-C always works.
+    """
     options: dict[str, Any] = {
         "response_tokens": args.response_tokens,
         "temperature": args.temperature,
