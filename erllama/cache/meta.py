@@ -56,7 +56,7 @@ from erllama.protocol.codec import Decoder, encode, error_reply, peek_request_id
 from erllama.protocol.errors import ErllamaError, ErrorCode, ProtocolError
 from erllama.protocol.messages import HoldersDied, Msg, Stop
 from erllama.protocol.meta_messages import CheckoutResult, DemoteResult, MetaRequest, Pin
-from erllama.protocol.sockets import META_SOCK, ipc_endpoint, make_socket
+from erllama.protocol.sockets import META_SOCK, ipc_endpoint, make_socket, remove_socket_file
 
 __all__ = ["HIT_FLUSH_INTERVAL_S", "MetaServer", "main"]
 
@@ -438,15 +438,4 @@ def main(run_dir: str, child_id: str) -> int:
             sock.close(linger=100)
         link.close()
         ctx.term()
-        _remove_socket_file(sock_path, sock_ino)
-
-
-def _remove_socket_file(path: str, ino: int | None) -> None:
-    """libzmq (4.3.5) leaves a bound ipc file behind; remove ours, never a successor's."""
-    if ino is None:
-        return
-    try:
-        if os.stat(path).st_ino == ino:
-            os.unlink(path)
-    except OSError:
-        pass
+        remove_socket_file(sock_path, sock_ino)

@@ -100,3 +100,17 @@ def make_socket(
     if connect is not None:
         sock.connect(connect)
     return sock
+
+
+def remove_socket_file(path: str, ino: int | None) -> None:
+    """libzmq (4.3.5) leaves a bound ipc file behind: remove ours, never a successor's.
+
+    ``ino`` is the inode the file had right after our bind (None: nothing to remove).
+    """
+    if ino is None:
+        return
+    try:
+        if os.stat(path).st_ino == ino:
+            os.unlink(path)
+    except OSError:
+        pass

@@ -79,7 +79,13 @@ from erllama.protocol.meta_messages import (
     GetTierStats,
     TierStatsResult,
 )
-from erllama.protocol.sockets import META_SOCK, WORKERS_SOCK, ipc_endpoint, make_socket
+from erllama.protocol.sockets import (
+    META_SOCK,
+    WORKERS_SOCK,
+    ipc_endpoint,
+    make_socket,
+    remove_socket_file,
+)
 from erllama.router.schedlink import SchedulerLink
 from erllama.router.sleep import Sleeper
 from erllama.router.table import Admit, Failure, ModelTable, Pending
@@ -236,7 +242,7 @@ class Router:
         if self.tcp is not None:
             self.tcp.stop()
         for path, ino in self._bound_files:
-            _remove_socket_file(path, ino)
+            remove_socket_file(path, ino)
         self._wake_r.close()
         self._wake_w.close()
 
@@ -469,17 +475,6 @@ def _socket_file(endpoint: str) -> tuple[str, int | None]:
         return path, os.stat(path).st_ino
     except OSError:
         return path, None
-
-
-def _remove_socket_file(path: str, ino: int | None) -> None:
-    """libzmq 4.3.5 leaves a bound ipc file behind: remove ours, never a successor's."""
-    if ino is None:
-        return
-    try:
-        if os.stat(path).st_ino == ino:
-            os.unlink(path)
-    except OSError:
-        pass
 
 
 def main(run_dir: str, child_id: str) -> int:

