@@ -33,7 +33,6 @@ from erllama.gateway.common import (
     decode_body,
     new_id,
     stop_list,
-    until_disconnect,
 )
 from erllama.gateway.errors import Api, ApiError, bad
 from erllama.protocol.messages import Stats
@@ -158,12 +157,7 @@ class Anthropic:
         run = self.ctx.run(req.model, tokens=tokens, opts=opts)
         if req.stream:
             return await self._stream(run.events(), run, req.model)
-        try:
-            reply = await until_disconnect(request, run.collect())
-        except (ApiError, ClientGoneError) as exc:
-            self.ctx.failed(API, req.model, exc)
-            raise
-        self.ctx.finished(API, run, reply.done)
+        reply = await self.ctx.collect(API, request, run)
         return JSONResponse(self._body(req.model, reply))
 
     def _body(self, model: str, reply: Reply) -> dict[str, Any]:
@@ -190,11 +184,7 @@ class Anthropic:
         }
 
     async def _stream(self, events: AsyncGenerator[Event, None], run: Run, model: str) -> Response:
-        try:
-            first = await anext(events)
-        except ApiError as exc:
-            self.ctx.failed(API, model, exc)
-            raise
+        first = await self.ctx.first_event(API, run, events)
         mid = new_id("msg_")
 
         async def body() -> AsyncIterator[bytes]:

@@ -196,6 +196,24 @@ class Ctx:
         code = exc.code if isinstance(exc, ApiError) else "client_gone"
         self.metrics.outcome(model, api, code)
 
+    async def collect(self, api: str, request: Request, run: Run) -> Reply:
+        """The whole generation (cancelled if the client leaves), counted either way."""
+        try:
+            reply = await until_disconnect(request, run.collect())
+        except (ApiError, ClientGoneError) as exc:
+            self.failed(api, run.model, exc)
+            raise
+        self.finished(api, run, reply.done)
+        return reply
+
+    async def first_event(self, api: str, run: Run, events: AsyncGenerator[Event, None]) -> Event:
+        """The first event of a stream: an error before it keeps its HTTP status."""
+        try:
+            return await anext(events)
+        except ApiError as exc:
+            self.failed(api, run.model, exc)
+            raise
+
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await ``work``; if the HTTP client leaves first, cancel it and raise ClientGoneError."""

@@ -32,7 +32,6 @@ from erllama.gateway.common import (
     call,
     decode_body,
     stop_list,
-    until_disconnect,
 )
 from erllama.gateway.errors import Api, ApiError, bad
 from erllama.protocol.messages import ModelInfo, Stats
@@ -230,21 +229,12 @@ class Ollama:
 
     async def _answer(self, request: Request, req: Base, run: Run, *, chat: bool) -> Response:
         if not req.stream:
-            try:
-                reply = await until_disconnect(request, run.collect())
-            except (ApiError, ClientGoneError) as exc:
-                self.ctx.failed(API, req.model, exc)
-                raise
-            self.ctx.finished(API, run, reply.done)
+            reply = await self.ctx.collect(API, request, run)
             body = self._piece(req.model, reply.text, chat=chat)
             body.update(final_fields(reply.done, run))
             return JSONResponse(body)
         events = run.events()
-        try:
-            first = await anext(events)
-        except ApiError as exc:
-            self.ctx.failed(API, req.model, exc)
-            raise
+        first = await self.ctx.first_event(API, run, events)
 
         async def lines() -> AsyncIterator[bytes]:
             ev = first

@@ -40,7 +40,6 @@ from erllama.gateway.common import (
     now_s,
     stop_list,
     tool_call_of,
-    until_disconnect,
 )
 from erllama.gateway.errors import Api, ApiError, bad
 from erllama.protocol.messages import Stats
@@ -280,12 +279,7 @@ class OpenAI:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self._stream(run, req.model, include_usage, chat=chat)
-        try:
-            reply = await until_disconnect(request, run.collect())
-        except (ApiError, ClientGoneError) as exc:
-            self.ctx.failed(API, req.model, exc)
-            raise
-        self.ctx.finished(API, run, reply.done)
+        reply = await self.ctx.collect(API, request, run)
         return JSONResponse(self._body(req.model, reply, chat=chat))
 
     def _body(self, model: str, reply: Reply, *, chat: bool) -> dict[str, Any]:
@@ -321,11 +315,7 @@ class OpenAI:
 
     async def _stream(self, run: Run, model: str, include_usage: bool, *, chat: bool) -> Response:
         events = run.events()
-        try:
-            first = await anext(events)  # errors before the first event keep their status
-        except ApiError as exc:
-            self.ctx.failed(API, model, exc)
-            raise
+        first = await self.ctx.first_event(API, run, events)
         rid, created = new_id("chatcmpl-" if chat else "cmpl-"), now_s()
         obj = "chat.completion.chunk" if chat else "text_completion"
 
