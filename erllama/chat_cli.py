@@ -31,8 +31,10 @@ start with that error.
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import os
+import select
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -84,7 +86,7 @@ class Chat:
         model: the model id.
         system: the system text, or None.
         options: the ``infer`` options of every turn (``response_tokens``, ...).
-        read_line: reads one line after printing the prompt (``input``).
+        read_line: prints the prompt, reads one line (``run_chat`` gives a ``LineReader``).
         out: the conversation and status lines.
         err: error lines.
         history: the turns so far (``{"role", "content"}`` dicts, alternating).
@@ -212,12 +214,83 @@ def sigint_blocked() -> Iterator[None]:
 
 @contextlib.contextmanager
 def sigint_allowed() -> Iterator[None]:
-    """Let SIGINT in on this thread (inside ``sigint_blocked``)."""
-    old = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    """Let SIGINT in on this thread (inside ``sigint_blocked``).
+
+    The exit blocks SIGINT again rather than restoring a saved mask: a pending SIGINT
+    unblocked here may raise before a saved mask would be bound, and must not leave
+    the thread open to it.
+    """
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+class LineReader:
+    """Reads one line of the terminal for ``Chat.read_line``, and is woken by any signal.
+
+    ``input()`` sleeps in ``read(2)`` and relies on SIGINT interrupting it (EINTR); a
+    SIGINT that lands after the prompt is written but before ``read`` blocks runs
+    Python's handler and leaves ``read`` waiting for the next line, so Ctrl-C at the
+    prompt would do nothing. Here the wait is a ``select`` on the terminal and on a
+    wakeup pipe (``signal.set_wakeup_fd``) that Python's C handler writes a byte to
+    before the Python handler runs, so a signal at any moment ends the wait and the
+    ``KeyboardInterrupt`` is raised from this loop. The terminal stays in canonical
+    mode: its own line editing (backspace, Ctrl-U, Ctrl-W) applies, and ``read``
+    returns whole lines. Use it as a context manager (the pipe, the old wakeup fd);
+    main thread only.
+    """
+
+    def __init__(self, fd: int, out: TextIO) -> None:
+        self._fd = fd
+        self._out = out
+        self._wake_r = self._wake_w = -1
+        self._old_wakeup = -1
+
+    def __enter__(self) -> LineReader:
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.set_wakeup_fd(self._old_wakeup)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def __call__(self, prompt: str) -> str:
+        """Print ``prompt``, return the next line without its newline.
+
+        Raises:
+            EOFError: end of input (Ctrl-D at an empty line).
+            KeyboardInterrupt: Ctrl-C (the line typed so far is dropped).
+        """
+        self._drain()  # signals handled before this prompt are not this wait's
+        self._out.write(prompt)
+        self._out.flush()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        parts: list[str] = []
+        while True:  # each pass runs the Python handler of a signal that woke the wait
+            ready, _, _ = select.select([self._fd, self._wake_r], [], [])
+            if self._wake_r in ready:
+                self._drain()
+                continue
+            data = os.read(self._fd, 65536)
+            if not data:  # EOF: a partial line (Ctrl-D after text) is still a line
+                parts.append(decoder.decode(b"", final=True))
+                if not any(parts):
+                    raise EOFError
+                return "".join(parts)
+            parts.append(decoder.decode(data))
+            if parts[-1].endswith("\n"):
+                return "".join(parts)[:-1]
+
+    def _drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 512):
+                pass
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -238,22 +311,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_chat(client: Client, args: argparse.Namespace) -> int:
     """Run the ``chat`` verb on an open client.
 
-    Lines are read by the terminal's own line editing (backspace, Ctrl-U, Ctrl-W), not
-    GNU readline: readline handles each key in user space, and a SIGINT that lands
-    while it does is only seen after the next key (CPython checks signals only when
-    its ``select`` is interrupted), so Ctrl-C at the prompt would sometimes do nothing.
-    In the terminal's canonical mode the process sleeps in ``read`` until a whole line
-    or a signal, and Ctrl-C always works.
+    Lines are read by ``LineReader``: the terminal's own line editing (backspace,
+    Ctrl-U, Ctrl-W), not GNU readline, which handles each key in user space, so that a
+    SIGINT landing while it does is only seen after the next key. ``LineReader`` waits
+    on the terminal and a signal wakeup pipe together, so Ctrl-C at the prompt always
+    works.
     """
     options: dict[str, Any] = {
         "response_tokens": args.response_tokens,
         "temperature": args.temperature,
         "seed": args.seed,
     }
-    chat = Chat(
-        client,
-        args.model,
-        system=args.system,
-        options={k: v for k, v in options.items() if v is not None},
-    )
-    return chat.run()
+    with LineReader(sys.stdin.fileno(), sys.stdout) as read_line:
+        chat = Chat(
+            client,
+            args.model,
+            system=args.system,
+            options={k: v for k, v in options.items() if v is not None},
+            read_line=read_line,
+        )
+        return chat.run()
