@@ -45,7 +45,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any, NamedTuple, TypeVar
@@ -66,6 +66,7 @@ from erllama.protocol.messages import (
     Ready,
     Role,
     StartFailed,
+    Stop,
 )
 from erllama.protocol.sockets import CONTROL_SOCK, ipc_endpoint, make_socket
 
@@ -209,6 +210,34 @@ class Child:
                 while self._wake[0].recv(512):
                     pass
         return bool(self._signals)
+
+    def watch(self, poller: zmq.Poller) -> None:
+        """Register the control socket and the wakeup fd (``should_stop`` reads both)."""
+        poller.register(self.link.socket, zmq.POLLIN)
+        if self._wake is not None:
+            poller.register(self.wake_fd, zmq.POLLIN)
+
+    def should_stop(
+        self,
+        events: Mapping[Any, int],
+        on_message: Callable[[ControlMessage], None] | None = None,
+    ) -> bool:
+        """After a poll of ``watch``'s poller: whether to stop (a signal or ``Stop``, logged
+        ``event=stop``). Pings are answered; other control messages go to ``on_message``."""
+        if self._wake is not None and events.get(self.wake_fd) and self.signalled():
+            log.info("event=stop reason=signal")
+            return True
+        if events.get(self.link.socket):
+            while self.link.socket.poll(0):
+                msg = self.link.handle(self.link.socket.recv_multipart())
+                if isinstance(msg, Stop):
+                    log.info("event=stop reason=control")
+                    return True
+                if msg is not None and on_message is not None:
+                    on_message(msg)
+                elif msg is not None:
+                    log.debug("control message %s ignored", type(msg).__name__)
+        return False
 
     def on_signal(self, listener: Callable[[int], None]) -> None:
         """Also call ``listener(signum)`` from the handler (it must only enqueue), and now

@@ -53,7 +53,7 @@ from erllama.config import CacheConfig
 from erllama.inits import MetaInit
 from erllama.protocol.codec import Decoder, encode, error_reply, peek_request_id, reply
 from erllama.protocol.errors import ErllamaError, ErrorCode, ProtocolError
-from erllama.protocol.messages import HoldersDied, Msg, Stop
+from erllama.protocol.messages import ControlMessage, HoldersDied, Msg
 from erllama.protocol.meta_messages import CheckoutResult, DemoteResult, MetaRequest, Pin
 from erllama.protocol.sockets import META_SOCK, ipc_endpoint, make_socket, remove_socket_file
 
@@ -321,12 +321,16 @@ class MetaServer(RequestHandlers):
                 if pin_ref is not None:
                     self.ledger.checkin(pin_ref)
 
+    def _on_control(self, msg: ControlMessage) -> None:
+        if isinstance(msg, HoldersDied):
+            self.holders_died(list(msg.holders))
+        else:
+            log.warning("unexpected control message %s", type(msg).__name__)
+
     def serve(self, sock: zmq.Socket[bytes], child: lifecycle.Child) -> int:
-        link, wake_fd = child.link, child.wake_fd
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        poller.register(link.socket, zmq.POLLIN)
-        poller.register(wake_fd, zmq.POLLIN)
+        child.watch(poller)
         demote_fd: int | None = None
         while True:
             if demote_fd is None and self.demoter is not None:
@@ -335,19 +339,8 @@ class MetaServer(RequestHandlers):
             events = dict(poller.poll(self.timeout_ms()))
             if demote_fd is not None and events.get(demote_fd):
                 self.finish_demotes()
-            if events.get(wake_fd) and child.signalled():
-                log.info("event=stop reason=signal")
+            if child.should_stop(events, self._on_control):
                 return 0
-            if events.get(link.socket):
-                while link.socket.poll(0):
-                    ctl = link.handle(link.socket.recv_multipart())
-                    if isinstance(ctl, Stop):
-                        log.info("event=stop reason=control")
-                        return 0
-                    if isinstance(ctl, HoldersDied):
-                        self.holders_died(list(ctl.holders))
-                    elif ctl is not None:
-                        log.warning("unexpected control message %s", type(ctl).__name__)
             if events.get(sock):
                 for _ in range(RECV_BATCH):
                     try:

@@ -58,7 +58,6 @@ from erllama.protocol.messages import (
     SchedulerAction,
     SchedulerCheck,
     SchedulerStatus,
-    Stop,
     VramInfo,
 )
 from erllama.protocol.meta_messages import SchedulerReport
@@ -318,12 +317,10 @@ class Scheduler:
 
 def serve(sched: Scheduler, api: SchedulerApi, child: lifecycle.Child) -> int:
     """The main loop: control messages, the scheduler's socket, the tick while enabled."""
-    link, wake_fd = child.link, child.wake_fd
     poller = zmq.Poller()
-    poller.register(link.socket, zmq.POLLIN)
+    child.watch(poller)
     poller.register(api.sock, zmq.POLLIN)
     poller.register(sched.done_r, zmq.POLLIN)
-    poller.register(wake_fd, zmq.POLLIN)
     interval = sched.cfg.interval_s
     while True:
         deadline = min(sched.next_tick if sched.enabled else math.inf, api.next_deadline())
@@ -333,17 +330,8 @@ def serve(sched: Scheduler, api: SchedulerApi, child: lifecycle.Child) -> int:
             else max(0, math.ceil((deadline - time.monotonic()) * 1000))
         )
         events = dict(poller.poll(timeout))
-        if events.get(wake_fd) and child.signalled():
-            log.info("event=stop reason=signal")
+        if child.should_stop(events):
             return 0
-        if events.get(link.socket):
-            while link.socket.poll(0):
-                ctl = link.handle(link.socket.recv_multipart())
-                if isinstance(ctl, Stop):
-                    log.info("event=stop reason=control")
-                    return 0
-                if ctl is not None:
-                    log.debug("control message %s ignored", type(ctl).__name__)
         if events.get(api.sock):
             api.drain()
         if events.get(sched.done_r):

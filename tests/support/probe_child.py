@@ -15,7 +15,6 @@ import zmq
 from erllama import lifecycle
 from erllama.inits import ChildInit
 from erllama.protocol.errors import ErllamaError
-from erllama.protocol.messages import Stop
 
 SIGNALLED_STATUS = 3  # the loop's status after SIGTERM/SIGINT (Stop: 0)
 
@@ -39,16 +38,10 @@ def _start(child: lifecycle.Child, init: ProbeInit) -> lifecycle.Started:
         if init.loop == "raise":
             raise ValueError("loop bug")
         poller = zmq.Poller()
-        poller.register(child.link.socket, zmq.POLLIN)
-        poller.register(child.wake_fd, zmq.POLLIN)
-        while True:
-            events = dict(poller.poll())
-            if events.get(child.wake_fd) and child.signalled():
-                return SIGNALLED_STATUS if heard else 4
-            if events.get(child.link.socket):
-                msg = child.link.handle(child.link.socket.recv_multipart())
-                if isinstance(msg, Stop):
-                    return 0
+        child.watch(poller)
+        while not child.should_stop(dict(poller.poll())):
+            pass
+        return SIGNALLED_STATUS if heard else 0  # a signal reached the listener, or Stop
 
     return lifecycle.Started(loop, {"pid": os.getpid(), "heard": len(heard)})
 
