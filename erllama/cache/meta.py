@@ -14,16 +14,16 @@ Messages out:
                   for ``add_counters``
     control.sock  ``Hello``, ``Ready(info={"rows": n})`` or ``StartFailed``, ``Pong``
 
-Start: handshake (Init = ``{"cache": CacheConfig, "daemon_id": str}``), bind
+Start (in ``lifecycle.run``, which also does the handshake and the exit): bind
 meta.sock, scan every tier (ram included: it outlives a meta restart within a
 daemon's life), rebuild the index, send Ready.
 
-Loop: one thread, one ``zmq.Poller`` over meta.sock, the control socket and a
-signal wakeup pipe; the poll timeout is the next deadline (reservation sweep
-every ``sweep_interval_s``, parked checkouts' expiry, the batched hit-count
-flush, D33). Requests are applied in arrival order, so the index needs no locks.
-Nothing a peer sends can leave the loop: bad input gets an ``ErrorReply`` with a
-stable code and is counted in ``bad_requests``; a bug gets ``internal``.
+Loop: one thread, one ``zmq.Poller`` over meta.sock, the control socket and the
+signal wakeup fd (``lifecycle.Child.watch``); the poll timeout is the next deadline
+(reservation sweep every ``sweep_interval_s``, parked checkouts' expiry, the batched
+hit-count flush, D33). Requests are applied in arrival order, so the index needs no
+locks. Nothing a peer sends can leave the loop: bad input gets an ``ErrorReply``
+with a stable code and is counted in ``bad_requests``; a bug gets ``internal``.
 
 Stop: ``Stop`` on control, or SIGTERM/SIGINT (also the parent-death signal):
 answer parked checkouts with a miss, flush hit counts, close, exit 0.

@@ -7,7 +7,8 @@ Sockets:
 
 Init: ``erllama.inits.GatewayInit``.
 
-Start: the listening socket is bound here, before uvicorn starts, so a busy or
+Start (``lifecycle.run`` does the handshake; a refused start exits 1): the
+listening socket is bound here, before uvicorn starts, so a busy or
 forbidden address is a clear ``start_failed`` (``eaddrinuse`` / ``eacces``) instead of
 a log line; Ready carries the bound ``listen`` address (port 0 picks a free one). The
 control link lives on its own thread: it answers pings and turns ``Stop`` into

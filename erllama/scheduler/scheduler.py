@@ -21,10 +21,11 @@ every ``interval_s``.
 
 Threads:
 
-* main: one ``zmq.Poller`` over the control socket, ``scheduler.sock``, the action
-  thread's done pipe and a signal wakeup pipe; the poll timeout is the next tick while
-  enabled (a fixed interval, deadline-driven, so a Stop is seen at once) or a forced
-  check's reply deadline. Each check samples (NVML is read on the sampler's own thread
+* main (start-up and exit: ``lifecycle.run``): one ``zmq.Poller`` over the control
+  socket, ``scheduler.sock``, the action thread's done pipe and the signal wakeup fd
+  (``lifecycle.Child.watch``); the poll timeout is the next tick while enabled (a
+  fixed interval, deadline-driven, so a Stop is seen at once) or a forced check's
+  reply deadline. Each check samples (NVML is read on the sampler's own thread
   with a timeout), asks ``policy.PressurePolicy`` for a decision, hands a ``Plan`` to
   the action thread (skipped while one still runs) and reports its status to meta
   (``erllama status``).

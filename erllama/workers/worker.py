@@ -36,13 +36,14 @@ Messages in: ``Init``, ``Ping``, ``Stop`` (control); ``Complete``,
 ``Reply``, ``ErrorReply``, ``TokenEvent``, ``DoneEvent`` and
 ``[b"", ERL1, WorkerStatus]`` pushes on every phase / queue transition.
 
-Start: handshake (Init), load the backend (a failure -> ``StartFailed(code,
-message)`` and exit 0), attach the LoRA adapters the init payload lists (a
+Start (``lifecycle.run``: the handshake on the main thread, which then hands
+the control link to the IO thread): load the backend (a failure ->
+``StartFailed(code, message)`` and exit 0), attach the LoRA adapters the init payload lists (a
 restart: same handles and scales; one that cannot be attached again ->
 ``StartFailed(adapter_lost)``), connect to ``workers.sock``, push
 ``WorkerStatus``, send ``Ready``. Every change of the adapter set goes to the
 root as ``AdaptersChanged`` (before the op's reply). Stop: ``Stop(drain)`` or
-SIGTERM (the handler only queues a StopRequest): stop admitting, let the
+SIGTERM (``Child.on_signal``: the handler only queues a StopRequest): stop admitting, let the
 running request finish (cancelled after ``supervisor.drain_timeout_s``),
 shutdown save of the live sequence and the saves still queued, bounded by
 ``cache.evict_save_timeout_ms`` (one cut by it is counted in
