@@ -5,14 +5,7 @@ from __future__ import annotations
 import sys
 
 from erllama.cache.meta import main
-
-
-def cli(argv: list[str]) -> int:
-    if len(argv) != 2:
-        sys.stderr.write("usage: python -m erllama.cache RUN_DIR CHILD_ID\n")
-        return 2
-    return main(argv[0], argv[1])
-
+from erllama.lifecycle import run_module
 
 if __name__ == "__main__":
-    sys.exit(cli(sys.argv[1:]))
+    sys.exit(run_module("erllama.cache", main, sys.argv[1:]))

@@ -14,16 +14,16 @@ Messages out:
                   for ``add_counters``
     control.sock  ``Hello``, ``Ready(info={"rows": n})`` or ``StartFailed``, ``Pong``
 
-Start: handshake (Init = ``{"cache": CacheConfig, "daemon_id": str}``), bind
+Start (in ``lifecycle.run``, which also does the handshake and the exit): bind
 meta.sock, scan every tier (ram included: it outlives a meta restart within a
 daemon's life), rebuild the index, send Ready.
 
-Loop: one thread, one ``zmq.Poller`` over meta.sock, the control socket and a
-signal wakeup pipe; the poll timeout is the next deadline (reservation sweep
-every ``sweep_interval_s``, parked checkouts' expiry, the batched hit-count
-flush, D33). Requests are applied in arrival order, so the index needs no locks.
-Nothing a peer sends can leave the loop: bad input gets an ``ErrorReply`` with a
-stable code and is counted in ``bad_requests``; a bug gets ``internal``.
+Loop: one thread, one ``zmq.Poller`` over meta.sock, the control socket and the
+signal wakeup fd (``lifecycle.Child.watch``); the poll timeout is the next deadline
+(reservation sweep every ``sweep_interval_s``, parked checkouts' expiry, the batched
+hit-count flush, D33). Requests are applied in arrival order, so the index needs no
+locks. Nothing a peer sends can leave the loop: bad input gets an ``ErrorReply``
+with a stable code and is counted in ``bad_requests``; a bug gets ``internal``.
 
 Stop: ``Stop`` on control, or SIGTERM/SIGINT (also the parent-death signal):
 answer parked checkouts with a miss, flush hit counts, close, exit 0.
@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import signal
 import time
 import traceback
 from collections import deque
@@ -43,18 +42,18 @@ from typing import Any
 
 import zmq
 
-from erllama import lifecycle, logs
+from erllama import lifecycle
 from erllama.cache.demote import DemoteJob, Demoter
 from erllama.cache.handlers import RequestHandlers, row_data, to_row
-from erllama.cache.kvc import KvcError, set_hit_count
+from erllama.cache.kvc import set_hit_count
 from erllama.cache.ledger import Ledger
 from erllama.cache.rows import DeleteFile, Effects, RowData, Wake
 from erllama.cache.tiers import TierLayout, resolve_final, scan_tier
 from erllama.config import CacheConfig
-from erllama.inits import MetaInit, decode_init
+from erllama.inits import MetaInit
 from erllama.protocol.codec import Decoder, encode, error_reply, peek_request_id, reply
 from erllama.protocol.errors import ErllamaError, ErrorCode, ProtocolError
-from erllama.protocol.messages import HoldersDied, Msg, Stop
+from erllama.protocol.messages import ControlMessage, HoldersDied, Msg
 from erllama.protocol.meta_messages import CheckoutResult, DemoteResult, MetaRequest, Pin
 from erllama.protocol.sockets import META_SOCK, ipc_endpoint, make_socket, remove_socket_file
 
@@ -322,11 +321,16 @@ class MetaServer(RequestHandlers):
                 if pin_ref is not None:
                     self.ledger.checkin(pin_ref)
 
-    def serve(self, sock: zmq.Socket[bytes], link: lifecycle.ControlLink, wake_fd: int) -> int:
+    def _on_control(self, msg: ControlMessage) -> None:
+        if isinstance(msg, HoldersDied):
+            self.holders_died(list(msg.holders))
+        else:
+            log.warning("unexpected control message %s", type(msg).__name__)
+
+    def serve(self, sock: zmq.Socket[bytes], child: lifecycle.Child) -> int:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        poller.register(link.socket, zmq.POLLIN)
-        poller.register(wake_fd, zmq.POLLIN)
+        child.watch(poller)
         demote_fd: int | None = None
         while True:
             if demote_fd is None and self.demoter is not None:
@@ -335,21 +339,8 @@ class MetaServer(RequestHandlers):
             events = dict(poller.poll(self.timeout_ms()))
             if demote_fd is not None and events.get(demote_fd):
                 self.finish_demotes()
-            if events.get(wake_fd):
-                _drain_fd(wake_fd)
-                if _stop_requested:
-                    log.info("event=stop reason=signal")
-                    return 0
-            if events.get(link.socket):
-                while link.socket.poll(0):
-                    ctl = link.handle(link.socket.recv_multipart())
-                    if isinstance(ctl, Stop):
-                        log.info("event=stop reason=control")
-                        return 0
-                    if isinstance(ctl, HoldersDied):
-                        self.holders_died(list(ctl.holders))
-                    elif ctl is not None:
-                        log.warning("unexpected control message %s", type(ctl).__name__)
+            if child.should_stop(events, self._on_control):
+                return 0
             if events.get(sock):
                 for _ in range(RECV_BATCH):
                     try:
@@ -376,66 +367,30 @@ def _unlink(path: str) -> None:
         log.warning("event=unlink_failed path=%s reason=%s", path, exc)
 
 
-# ---------------------------------------------------------------- signals
-_stop_requested = False
-
-
-def _on_signal(signum: int, frame: object) -> None:
-    global _stop_requested
-    _stop_requested = True
-
-
-def _drain_fd(fd: int) -> None:
-    try:
-        while os.read(fd, 512):
-            pass
-    except BlockingIOError:
-        pass
-
-
 def main(run_dir: str, child_id: str) -> int:
     """Entry point of the meta child (``python -m erllama.cache RUN_DIR CHILD_ID``)."""
-    lifecycle.set_parent_death_signal()
-    logs.setup("meta", child_id)
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    link = lifecycle.ControlLink(ctx, run_dir, "meta", child_id)
-    sock: zmq.Socket[bytes] | None = None
-    sock_path = os.path.join(run_dir, META_SOCK)
-    sock_ino: int | None = None
+    return lifecycle.run("meta", run_dir, child_id, MetaInit, _start)
+
+
+def _start(child: lifecycle.Child, init: MetaInit) -> lifecycle.Started:
+    """Bind meta.sock and rebuild the index from the tiers."""
     try:
-        init = link.handshake()
-        try:
-            minit = decode_init(init.config, MetaInit)
-            cfg = minit.cache
-            layout = TierLayout(cfg.tiers, minit.daemon_id)
-            layout.ensure()
-        except (ProtocolError, ValueError, OSError) as exc:
-            log.error("event=start_failed reason=%s", exc)
-            link.start_failed(ErrorCode.BAD_REQUEST, f"bad meta config: {exc}")
-            return 0
-        sock = make_socket(ctx, zmq.ROUTER, bind=ipc_endpoint(run_dir, META_SOCK))
-        sock_ino = os.stat(sock_path).st_ino
-        server = MetaServer(cfg, layout)
-        rows = server.scan()
-        link.ready({"rows": rows, "pid": os.getpid()})
-        log.info("event=ready rows=%d tiers=%s", rows, ",".join(layout.tiers))
-        code = server.serve(sock, link, r)
+        layout = TierLayout(init.cache.tiers, init.daemon_id)
+        layout.ensure()
+    except (ValueError, OSError) as exc:
+        raise child.bad_config(exc) from None
+    sock_path = os.path.join(child.run_dir, META_SOCK)
+    sock = make_socket(child.ctx, zmq.ROUTER, bind=ipc_endpoint(child.run_dir, META_SOCK))
+    child.on_exit(remove_socket_file, sock_path, os.stat(sock_path).st_ino)
+    child.on_exit(sock.close, 100)
+    server = MetaServer(init.cache, layout)
+    rows = server.scan()
+    log.info("event=ready rows=%d tiers=%s", rows, ",".join(layout.tiers))
+
+    def loop() -> int:
+        code = server.serve(sock, child)
         server.shutdown()
         server.send_outbox(sock)
         return code
-    except (ErllamaError, KvcError) as exc:
-        log.error("event=meta_failed reason=%s", exc)
-        return 1
-    finally:
-        signal.set_wakeup_fd(-1)
-        os.close(r)
-        os.close(w)
-        if sock is not None:
-            sock.close(linger=100)
-        link.close()
-        ctx.term()
-        remove_socket_file(sock_path, sock_ino)
+
+    return lifecycle.Started(loop, {"rows": rows, "pid": os.getpid()})

@@ -7,7 +7,8 @@ Sockets:
 
 Init: ``erllama.inits.GatewayInit``.
 
-Start: the listening socket is bound here, before uvicorn starts, so a busy or
+Start (``lifecycle.run`` does the handshake; a refused start exits 1): the
+listening socket is bound here, before uvicorn starts, so a busy or
 forbidden address is a clear ``start_failed`` (``eaddrinuse`` / ``eacces``) instead of
 a log line; Ready carries the bound ``listen`` address (port 0 picks a free one). The
 control link lives on its own thread: it answers pings and turns ``Stop`` into
@@ -25,14 +26,13 @@ import socket
 import threading
 
 import uvicorn
-import zmq
 
-from erllama import lifecycle, logs
+from erllama import lifecycle
 from erllama.config import parse_listen
 from erllama.gateway.app import build_app
 from erllama.gateway.h11guard import GuardedH11Protocol
-from erllama.inits import GatewayInit, decode_init
-from erllama.protocol.errors import ErllamaError, ErrorCode, ProtocolError
+from erllama.inits import GatewayInit
+from erllama.protocol.errors import ErllamaError, ErrorCode
 from erllama.protocol.messages import Stop
 
 log = logging.getLogger(__name__)
@@ -91,70 +91,70 @@ def _control_loop(
 
 
 def main(run_dir: str, child_id: str) -> int:
-    logs.setup("gateway", child_id)
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    link = lifecycle.ControlLink(ctx, run_dir, "gateway", child_id)
-    done = threading.Event()
-    thread: threading.Thread | None = None
+    """Entry of the gateway process (``erllama.supervisor.entry.run_child``)."""
+    # uvicorn handles SIGTERM/SIGINT itself; a refused start exits 1
+    return lifecycle.run(
+        "gateway", run_dir, child_id, GatewayInit, _start, handle_signals=False, failed_status=1
+    )
+
+
+def _start(child: lifecycle.Child, cfg: GatewayInit) -> lifecycle.Started:
+    """Bind the listening socket, build the app; the loop serves it (Ready once it does)."""
     try:
-        init = link.handshake()
-        try:
-            cfg = decode_init(init.config, GatewayInit)
-            addr = parse_listen(cfg.http.listen)
-            if addr is None:
-                raise ValueError("http.listen is off: the gateway should not run")
-        except (ValueError, ProtocolError) as exc:
-            link.start_failed(ErrorCode.BAD_REQUEST, f"bad gateway config: {exc}")
-            return 1
-        try:
-            sock = bind(*addr)
-        except OSError as exc:
-            code = {errno.EADDRINUSE: "eaddrinuse", errno.EACCES: ErrorCode.EACCES}.get(
-                exc.errno or 0, ErrorCode.FAILED
-            )
-            log.error("event=start_failed listen=%s reason=%s", cfg.http.listen, exc)
-            link.start_failed(code, f"cannot listen on {cfg.http.listen}: {exc.strerror}")
-            return 1
-        host, port = sock.getsockname()[:2]
-        listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        try:
-            app = build_app(cfg.http, cfg.endpoint)
-        except ValueError as exc:
-            sock.close()
-            link.start_failed(ErrorCode.BAD_REQUEST, str(exc))
-            return 1
-        serving = threading.Event()
-        server = _Server(
-            uvicorn.Config(
-                app,
-                log_config=None,
-                access_log=False,
-                lifespan="on",
-                http=GuardedH11Protocol,
-                timeout_keep_alive=int(max(1, cfg.http.idle_timeout_s)),
-                limit_concurrency=cfg.http.max_connections,
-                h11_max_incomplete_event_size=cfg.http.max_header_bytes,
-                timeout_graceful_shutdown=10,
-            ),
-            serving,
-            listen,
+        addr = parse_listen(cfg.http.listen)
+        if addr is None:
+            raise ValueError("http.listen is off: the gateway should not run")
+    except ValueError as exc:
+        raise child.bad_config(exc) from None
+    try:
+        sock = bind(*addr)
+    except OSError as exc:
+        code = {errno.EADDRINUSE: "eaddrinuse", errno.EACCES: ErrorCode.EACCES}.get(
+            exc.errno or 0, ErrorCode.FAILED
         )
-        info = {"listen": listen, "pid": str(os.getpid())}
-        thread = threading.Thread(
-            target=_control_loop,
-            args=(link, server, serving, info, done),
-            name="gateway-control",
-            daemon=True,
-        )
+        raise ErllamaError(
+            f"cannot listen on {cfg.http.listen}: {exc.strerror}", code=code
+        ) from None
+    host, port = sock.getsockname()[:2]
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        app = build_app(cfg.http, cfg.endpoint)
+    except ValueError as exc:
+        sock.close()
+        raise ErllamaError(str(exc), code=ErrorCode.BAD_REQUEST) from None
+    serving = threading.Event()
+    server = _Server(
+        uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            http=GuardedH11Protocol,
+            timeout_keep_alive=int(max(1, cfg.http.idle_timeout_s)),
+            limit_concurrency=cfg.http.max_connections,
+            h11_max_incomplete_event_size=cfg.http.max_header_bytes,
+            timeout_graceful_shutdown=10,
+        ),
+        serving,
+        listen,
+    )
+    info = {"listen": listen, "pid": str(os.getpid())}
+    done = threading.Event()
+    thread = threading.Thread(
+        target=_control_loop,
+        args=(child.link, server, serving, info, done),
+        name="gateway-control",
+        daemon=True,
+    )
+
+    def stop_control() -> None:
+        done.set()
+        thread.join(timeout=2)
+
+    def loop() -> int:
         thread.start()
+        child.on_exit(stop_control)
         asyncio.run(server.serve(sockets=[sock]))
         return 0
-    except ErllamaError as exc:
-        log.error("event=gateway_failed reason=%s", exc)
-        return 1
-    finally:
-        done.set()
-        if thread is not None:
-            thread.join(timeout=2)
-        link.close()
-        ctx.term()
+
+    return lifecycle.Started(loop, None)

@@ -8,16 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from erllama.router.router import main as router_main
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args:
-        sys.stderr.write("usage: python -m erllama.router RUN_DIR [CHILD_ID]\n")
-        return 2
-    return router_main(args[0], args[1] if len(args) > 1 else "router")
-
+from erllama.lifecycle import run_module
+from erllama.router.router import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_module("erllama.router", main, sys.argv[1:], default_child_id="router"))

@@ -35,8 +35,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -44,8 +42,8 @@ from typing import Any
 import msgspec
 import zmq
 
-from erllama import lifecycle, logs
-from erllama.inits import RouterInit, decode_init
+from erllama import lifecycle
+from erllama.inits import RouterInit
 from erllama.protocol.auth import TcpListener, bind_tcp
 from erllama.protocol.codec import PROTOCOL_ID, Decoder, encode, error_reply, peek_request_id, reply
 from erllama.protocol.errors import ErllamaError, ErrorCode, ProtocolError
@@ -157,19 +155,15 @@ class Router:
         )
         self.sched = SchedulerLink(ctx, run_dir)
         self.sleeper = Sleeper(self.table, link.socket, self.meta)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
         self.routed = 0
 
     # ================================================================ loop
-    def run(self) -> int:
-        old_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    def run(self, wake_fd: int) -> int:
+        """The loop, until ``Stop`` on control or ``wake_fd`` (SIGTERM/SIGINT) is readable."""
         poller = zmq.Poller()
         for sock in (self.client, self.workers, self.link.socket, self.meta, self.sched.sock):
             poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        poller.register(wake_fd, zmq.POLLIN)
         try:
             while not self._stopping:
                 now = time.monotonic()
@@ -184,7 +178,7 @@ class Router:
                     None if deadline == math.inf else max(0, math.ceil((deadline - now) * 1e3))
                 )
                 ready = dict(poller.poll(timeout))
-                if self._wake_r.fileno() in ready:
+                if wake_fd in ready:
                     self._stopping = True
                     break
                 if self.link.socket in ready:
@@ -208,12 +202,6 @@ class Router:
             return 0
         finally:
             self._close()
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-            signal.set_wakeup_fd(old_fd)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        pass  # the wakeup fd wakes the loop, which stops
 
     def _drain(self, sock: zmq.Socket[bytes], handler: Any) -> None:
         for _ in range(RECV_BATCH):
@@ -243,8 +231,6 @@ class Router:
             self.tcp.stop()
         for path, ino in self._bound_files:
             remove_socket_file(path, ino)
-        self._wake_r.close()
-        self._wake_w.close()
 
     # ================================================================ control (root)
     def _on_control(self, frames: list[bytes]) -> None:
@@ -479,46 +465,23 @@ def _socket_file(endpoint: str) -> tuple[str, int | None]:
 
 def main(run_dir: str, child_id: str) -> int:
     """Entry of the router process (``erllama.supervisor.entry.run_child``)."""
-    logs.setup("router", child_id)
-    lifecycle.set_parent_death_signal()
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    router: Router | None = None
+    return lifecycle.run("router", run_dir, child_id, RouterInit, _start)
 
-    def progress() -> tuple[int, int]:
-        # active stays 0: a router waiting on slow workers is not hung
-        return 0, router.routed if router is not None else 0
 
-    link = lifecycle.ControlLink(ctx, run_dir, "router", child_id, progress=progress)
+def _start(child: lifecycle.Child, init: RouterInit) -> lifecycle.Started:
+    """Bind the client and workers sockets; connect meta and the scheduler."""
+    endpoint = init.endpoint
+    if endpoint and not endpoint.startswith("ipc://"):
+        # DESIGN §2: TCP is opt-in through daemon.tcp_endpoint (CURVE, protocol/auth.py)
+        raise ErllamaError(
+            f"endpoint {endpoint}: daemon.endpoint is ipc:// only; "
+            "use daemon.tcp_endpoint (CURVE) for TCP",
+            code=ErrorCode.NOT_SUPPORTED,
+        )
     try:
-        try:
-            init = link.handshake()
-        except ErllamaError as exc:
-            log.error("event=handshake_failed %s", exc)
-            return 1
-        try:
-            rinit = decode_init(init.config, RouterInit)
-        except ProtocolError as exc:
-            log.error("event=start_failed %s", exc)
-            link.start_failed(exc.code, exc.message)
-            return 0
-        endpoint = rinit.endpoint
-        if endpoint and not endpoint.startswith("ipc://"):
-            # DESIGN §2: TCP is opt-in through daemon.tcp_endpoint (CURVE, protocol/auth.py)
-            log.error("event=start_failed endpoint=%s: only ipc:// endpoints", endpoint)
-            link.start_failed(
-                ErrorCode.NOT_SUPPORTED,
-                f"endpoint {endpoint}: daemon.endpoint is ipc:// only; "
-                "use daemon.tcp_endpoint (CURVE) for TCP",
-            )
-            return 0
-        try:
-            router = Router(ctx, run_dir, link, rinit)
-        except (zmq.ZMQError, msgspec.ValidationError, OSError, ValueError) as exc:
-            log.error("event=start_failed %s", exc)
-            link.start_failed(ErrorCode.INTERNAL, f"router cannot start: {exc}")
-            return 0
-        link.ready({"endpoint": router.endpoint})
-        return router.run()
-    finally:
-        link.close()
-        ctx.destroy(linger=500)  # also closes what a failed Router() left open
+        router = Router(child.ctx, child.run_dir, child.link, init)
+    except (zmq.ZMQError, msgspec.ValidationError, OSError, ValueError) as exc:
+        raise ErllamaError(f"router cannot start: {exc}", code=ErrorCode.INTERNAL) from None
+    # active stays 0: a router waiting on slow workers is not hung
+    child.link.progress = lambda: (0, router.routed)
+    return lifecycle.Started(lambda: router.run(child.wake_fd), {"endpoint": router.endpoint})

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from erllama.lifecycle import run_module
 from erllama.scheduler.scheduler import main
 
-
-def cli(argv: list[str]) -> int:
-    if len(argv) != 2:
-        sys.stderr.write("usage: python -m erllama.scheduler RUN_DIR CHILD_ID\n")
-        return 2
-    return main(argv[0], argv[1])
-
-
 if __name__ == "__main__":
-    sys.exit(cli(sys.argv[1:]))
+    sys.exit(run_module("erllama.scheduler", main, sys.argv[1:]))

@@ -21,10 +21,11 @@ every ``interval_s``.
 
 Threads:
 
-* main: one ``zmq.Poller`` over the control socket, ``scheduler.sock``, the action
-  thread's done pipe and a signal wakeup pipe; the poll timeout is the next tick while
-  enabled (a fixed interval, deadline-driven, so a Stop is seen at once) or a forced
-  check's reply deadline. Each check samples (NVML is read on the sampler's own thread
+* main (start-up and exit: ``lifecycle.run``): one ``zmq.Poller`` over the control
+  socket, ``scheduler.sock``, the action thread's done pipe and the signal wakeup fd
+  (``lifecycle.Child.watch``); the poll timeout is the next tick while enabled (a
+  fixed interval, deadline-driven, so a Stop is seen at once) or a forced check's
+  reply deadline. Each check samples (NVML is read on the sampler's own thread
   with a timeout), asks ``policy.PressurePolicy`` for a decision, hands a ``Plan`` to
   the action thread (skipped while one still runs) and reports its status to meta
   (``erllama status``).
@@ -42,24 +43,22 @@ import logging
 import math
 import os
 import queue
-import signal
 import threading
 import time
 
 import msgspec
 import zmq
 
-from erllama import lifecycle, logs
+from erllama import lifecycle
 from erllama.cache.client import MetaClient, MetaUnavailable
 from erllama.config import SchedulerConfig, validate_watermarks
-from erllama.inits import SchedulerInit, decode_init
+from erllama.inits import SchedulerInit
 from erllama.protocol.codec import encode
 from erllama.protocol.errors import ErllamaError, ErrorCode, NotSupportedError, ProtocolError
 from erllama.protocol.messages import (
     SchedulerAction,
     SchedulerCheck,
     SchedulerStatus,
-    Stop,
     VramInfo,
 )
 from erllama.protocol.meta_messages import SchedulerReport
@@ -317,22 +316,12 @@ class Scheduler:
         os.close(self.done_w)
 
 
-# ---------------------------------------------------------------- signals
-_stop_requested = False
-
-
-def _on_signal(signum: int, frame: object) -> None:
-    global _stop_requested
-    _stop_requested = True
-
-
-def serve(sched: Scheduler, api: SchedulerApi, link: lifecycle.ControlLink, wake_fd: int) -> int:
+def serve(sched: Scheduler, api: SchedulerApi, child: lifecycle.Child) -> int:
     """The main loop: control messages, the scheduler's socket, the tick while enabled."""
     poller = zmq.Poller()
-    poller.register(link.socket, zmq.POLLIN)
+    child.watch(poller)
     poller.register(api.sock, zmq.POLLIN)
     poller.register(sched.done_r, zmq.POLLIN)
-    poller.register(wake_fd, zmq.POLLIN)
     interval = sched.cfg.interval_s
     while True:
         deadline = min(sched.next_tick if sched.enabled else math.inf, api.next_deadline())
@@ -342,23 +331,8 @@ def serve(sched: Scheduler, api: SchedulerApi, link: lifecycle.ControlLink, wake
             else max(0, math.ceil((deadline - time.monotonic()) * 1000))
         )
         events = dict(poller.poll(timeout))
-        if events.get(wake_fd):
-            try:
-                while os.read(wake_fd, 512):
-                    pass
-            except BlockingIOError:
-                pass
-            if _stop_requested:
-                log.info("event=stop reason=signal")
-                return 0
-        if events.get(link.socket):
-            while link.socket.poll(0):
-                ctl = link.handle(link.socket.recv_multipart())
-                if isinstance(ctl, Stop):
-                    log.info("event=stop reason=control")
-                    return 0
-                if ctl is not None:
-                    log.debug("control message %s ignored", type(ctl).__name__)
+        if child.should_stop(events):
+            return 0
         if events.get(api.sock):
             api.drain()
         if events.get(sched.done_r):
@@ -376,46 +350,30 @@ def serve(sched: Scheduler, api: SchedulerApi, link: lifecycle.ControlLink, wake
 
 def main(run_dir: str, child_id: str) -> int:
     """Entry point of the scheduler child (``python -m erllama.scheduler RUN_DIR CHILD_ID``)."""
-    lifecycle.set_parent_death_signal()
-    logs.setup("scheduler", child_id)
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    link = lifecycle.ControlLink(ctx, run_dir, "scheduler", child_id)
-    sched: Scheduler | None = None
-    api: SchedulerApi | None = None
+    return lifecycle.run("scheduler", run_dir, child_id, SchedulerInit, _start)
+
+
+def _start(child: lifecycle.Child, init: SchedulerInit) -> lifecycle.Started:
+    """The settings (overrides win), the sampler and action thread, scheduler.sock."""
     try:
-        init = link.handshake()
-        try:
-            sinit = decode_init(init.config, SchedulerInit)
-            cfg = overrides.load(run_dir, sinit.scheduler)
-            endpoint = sinit.endpoint or ipc_endpoint(run_dir, CLIENT_SOCK)
-            sched = Scheduler(ctx, cfg, run_dir, endpoint, f"{child_id}:{os.getpid()}")
-            api = SchedulerApi(ctx, run_dir, sched)
-        except (ProtocolError, ValueError, msgspec.ValidationError, zmq.ZMQError) as exc:
-            log.error("event=start_failed reason=%s", exc)
-            link.start_failed(ErrorCode.BAD_REQUEST, f"bad scheduler config: {exc}")
-            return 0
-        link.ready({"pid": os.getpid(), "sampler": sched.sampler.name if sched.sampler else None})
-        log.info(
-            "event=ready enabled=%s source=%s interval_s=%g high=%g low=%g",
-            cfg.enabled, cfg.pressure_source, cfg.interval_s, cfg.high_watermark,
-            cfg.low_watermark,
-        )  # fmt: skip
+        cfg = overrides.load(child.run_dir, init.scheduler)
+        endpoint = init.endpoint or ipc_endpoint(child.run_dir, CLIENT_SOCK)
+        holder = f"{child.child_id}:{os.getpid()}"
+        sched = Scheduler(child.ctx, cfg, child.run_dir, endpoint, holder)
+        child.on_exit(sched.close)
+        api = SchedulerApi(child.ctx, child.run_dir, sched)
+        child.on_exit(api.close)
+    except (ProtocolError, ValueError, msgspec.ValidationError, zmq.ZMQError) as exc:
+        raise child.bad_config(exc) from None
+    log.info(
+        "event=ready enabled=%s source=%s interval_s=%g high=%g low=%g",
+        cfg.enabled, cfg.pressure_source, cfg.interval_s, cfg.high_watermark,
+        cfg.low_watermark,
+    )  # fmt: skip
+
+    def loop() -> int:
         sched.send_report()
-        return serve(sched, api, link, r)
-    except ErllamaError as exc:
-        log.error("event=scheduler_failed reason=%s", exc)
-        return 1
-    finally:
-        if api is not None:
-            api.close()
-        if sched is not None:
-            sched.close()
-        signal.set_wakeup_fd(-1)
-        os.close(r)
-        os.close(w)
-        link.close()
-        ctx.term()
+        return serve(sched, api, child)
+
+    info = {"pid": os.getpid(), "sampler": sched.sampler.name if sched.sampler else None}
+    return lifecycle.Started(loop, info)

@@ -1,7 +1,7 @@
 """The worker's IO thread: it alone owns the worker's control and workers sockets.
 
-It does the handshake (``Hello`` -> ``Init``) and hands ``Init`` to the main
-thread, then polls three sockets:
+The main thread does the handshake (``lifecycle.run``) and hands the control
+link over to this thread before the model loads; it polls three sockets:
 
 * control DEALER (``ControlLink``): ``Ping`` is answered here with
   ``progress = (active, tokens_total)`` read from the engine, so a hang
@@ -41,7 +41,6 @@ from erllama.protocol.messages import (
     Cancel,
     ClientRequest,
     Detokenize,
-    Init,
     ModelStatus,
     Msg,
     Stop,
@@ -68,21 +67,20 @@ class IoThread(threading.Thread):
     def __init__(
         self,
         ctx: zmq.Context[zmq.Socket[bytes]],
+        link: ControlLink,
         run_dir: str,
-        child_id: str,
         pair_endpoint: str,
         inbox: SimpleQueue[InboxItem],
         cancels: CancelSet,
     ) -> None:
         super().__init__(name="erllama-io", daemon=True)
         self._ctx = ctx
+        self._link = link
+        link.progress = self._progress  # pings are answered here, with the engine's counters
         self._run_dir = run_dir
-        self._child_id = child_id
         self._pair_endpoint = pair_endpoint
         self._inbox = inbox
         self._cancels = cancels
-        self._init: Init | None = None
-        self._init_done = threading.Event()
         self._engine: Any = None  # engine.Engine once loaded (phase, active, tokens_total)
         self._backend: Any = None
         self._fast_tokenize = False
@@ -93,11 +91,6 @@ class IoThread(threading.Thread):
         self.crashed = False
 
     # ------------------------------------------------------------ main-thread API
-    def wait_init(self, timeout_s: float) -> Init | None:
-        """The ``Init`` of the handshake (None: no supervisor answered in time)."""
-        self._init_done.wait(timeout_s + 1.0)
-        return self._init
-
     def attach(self, engine: Any, backend: Any) -> None:
         """Share the engine's counters and (if thread-safe) the tokenizer with this thread."""
         self._backend = backend
@@ -120,31 +113,18 @@ class IoThread(threading.Thread):
 
     # ------------------------------------------------------------ thread
     def run(self) -> None:
-        link: ControlLink | None = None
         pair = self._ctx.socket(zmq.PAIR)
         pair.connect(self._pair_endpoint)
         try:
-            link = ControlLink(
-                self._ctx, self._run_dir, "worker", self._child_id, progress=self._progress
-            )
-            try:
-                self._init = link.handshake()
-            except ErllamaError as exc:
-                log.error("handshake failed: %s", exc)
-            finally:
-                self._init_done.set()
-            if self._init is not None:
-                self._loop(link, pair)
+            self._loop(self._link, pair)
         except Exception:
             log.exception("event=io_thread_crashed")
             self.crashed = True  # the worker is deaf: stop now and exit non-zero
             self._inbox.put(StopRequest(drain=False, reason="io_thread_crashed"))
         finally:
-            self._init_done.set()
             if self._workers is not None:
                 self._workers.close()
-            if link is not None:
-                link.close()
+            self._link.close()
             pair.close(linger=0)
 
     def _loop(self, link: ControlLink, pair: zmq.Socket[bytes]) -> None:

@@ -36,13 +36,14 @@ Messages in: ``Init``, ``Ping``, ``Stop`` (control); ``Complete``,
 ``Reply``, ``ErrorReply``, ``TokenEvent``, ``DoneEvent`` and
 ``[b"", ERL1, WorkerStatus]`` pushes on every phase / queue transition.
 
-Start: handshake (Init), load the backend (a failure -> ``StartFailed(code,
-message)`` and exit 0), attach the LoRA adapters the init payload lists (a
+Start (``lifecycle.run``: the handshake on the main thread, which then hands
+the control link to the IO thread): load the backend (a failure ->
+``StartFailed(code, message)`` and exit 0), attach the LoRA adapters the init payload lists (a
 restart: same handles and scales; one that cannot be attached again ->
 ``StartFailed(adapter_lost)``), connect to ``workers.sock``, push
 ``WorkerStatus``, send ``Ready``. Every change of the adapter set goes to the
 root as ``AdaptersChanged`` (before the op's reply). Stop: ``Stop(drain)`` or
-SIGTERM (the handler only queues a StopRequest): stop admitting, let the
+SIGTERM (``Child.on_signal``: the handler only queues a StopRequest): stop admitting, let the
 running request finish (cancelled after ``supervisor.drain_timeout_s``),
 shutdown save of the live sequence and the saves still queued, bounded by
 ``cache.evict_save_timeout_ms`` (one cut by it is counted in
@@ -64,7 +65,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from erllama import logs
+from erllama import lifecycle
 from erllama.bundled import bundled_model_path
 from erllama.cache import keys
 from erllama.cache.kvc import KvcError
@@ -74,11 +75,10 @@ from erllama.config import (
     ModelSpec,
     effective_policy,
 )
-from erllama.inits import WorkerInit, decode_init
-from erllama.lifecycle import set_parent_death_signal
+from erllama.inits import WorkerInit
 from erllama.protocol.codec import encode
-from erllama.protocol.errors import ErllamaError, ErrorCode, ModelLoadError, ProtocolError
-from erllama.protocol.messages import ModelInfo, Msg, Ready, StartFailed
+from erllama.protocol.errors import ErllamaError, ErrorCode, ModelLoadError
+from erllama.protocol.messages import ModelInfo, Msg
 from erllama.protocol.sockets import META_SOCK, ipc_endpoint
 from erllama.workers.backend import ModelBackend
 from erllama.workers.cachelink import MetaCache
@@ -190,31 +190,7 @@ def model_info(model_id: str, spec: ModelSpec, backend: ModelBackend) -> dict[st
 
 def main(run_dir: str, child_id: str) -> int:
     """Run the worker; the exit code (0 = stopped or refused to start, 1 = crashed)."""
-    set_parent_death_signal()
-    logs.setup("worker", child_id)
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    inbox: SimpleQueue[InboxItem] = SimpleQueue()
-    cancels = CancelSet()
-    pair_endpoint = f"inproc://erllama-worker-{os.getpid()}"
-    pair = ctx.socket(zmq.PAIR)
-    pair.setsockopt(zmq.LINGER, 0)
-    pair.setsockopt(zmq.SNDHWM, 0)  # never block the compute thread on its own IO thread
-    pair.bind(pair_endpoint)
-    io = IoThread(ctx, run_dir, child_id, pair_endpoint, inbox, cancels)
-    io.start()
-    lingering: list[str] = []  # threads that still hold sockets (ctx.term() would hang)
-    try:
-        return _run(ctx, pair, io, run_dir, child_id, inbox, cancels, lingering)
-    finally:
-        to_io(pair, [IoThread.QUIT])
-        io.join(10.0)
-        pair.close(linger=0)
-        if io.is_alive():  # a stuck IO thread keeps its sockets: term() would hang
-            log.error("event=io_thread_stuck exiting without closing the context")
-        elif lingering:
-            log.info("exiting without closing the context (%s)", ", ".join(lingering))
-        else:
-            ctx.term()
+    return lifecycle.run("worker", run_dir, child_id, WorkerInit, _start)
 
 
 def to_io(pair: zmq.Socket[bytes], frames: list[bytes | memoryview]) -> None:
@@ -226,60 +202,65 @@ def to_io(pair: zmq.Socket[bytes], frames: list[bytes | memoryview]) -> None:
         log.warning("event=io_thread_gone message dropped")
 
 
-def _start_failed(pair: zmq.Socket[bytes], code: str, message: str) -> int:
-    log.error("event=start_failed code=%s %s", code, message)
-    to_io(pair, [IoThread.CONTROL, *encode(StartFailed(code=code, message=message))])
-    return 0
+def _stop_io(
+    child: lifecycle.Child, pair: zmq.Socket[bytes], io: IoThread, lingering: list[str]
+) -> None:
+    to_io(pair, [IoThread.QUIT])
+    io.join(10.0)
+    pair.close(linger=0)
+    if io.is_alive():  # a stuck IO thread keeps its sockets: term() would hang
+        log.error("event=io_thread_stuck exiting without closing the context")
+        child.keep_context()
+    elif lingering:
+        log.info("exiting without closing the context (%s)", ", ".join(lingering))
+        child.keep_context()
 
 
-def _run(
-    ctx: zmq.Context[zmq.Socket[bytes]],
-    pair: zmq.Socket[bytes],
-    io: IoThread,
-    run_dir: str,
-    child_id: str,
-    inbox: SimpleQueue[InboxItem],
-    cancels: CancelSet,
-    lingering: list[str],
-) -> int:
-    init = io.wait_init(HANDSHAKE_TIMEOUT_S)
-    if init is None:
-        log.error("event=handshake_failed no Init from the supervisor")
-        return 1
-
-    def on_signal(signum: int, _frame: object) -> None:
-        inbox.put(StopRequest(drain=True, reason=signal.Signals(signum).name.lower()))
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
+def _start(child: lifecycle.Child, cfg: WorkerInit) -> lifecycle.Started:
+    """Start the IO thread, load the model, attach its adapters, connect workers.sock."""
     try:
-        cfg = decode_init(init.config, WorkerInit)
         spec = msgspec.structs.replace(cfg.model, id=cfg.model.id or cfg.model_id)
         policy = effective_policy(cfg.cache.policy, spec)
-    except (ProtocolError, ConfigError) as exc:
-        return _start_failed(pair, ErrorCode.BAD_REQUEST, f"bad worker config: {exc}")
+    except ConfigError as exc:
+        raise child.bad_config(exc) from None
     model_id = cfg.model_id
+    inbox: SimpleQueue[InboxItem] = SimpleQueue()
+    cancels = CancelSet()
+    child.on_signal(
+        lambda signum: inbox.put(
+            StopRequest(drain=True, reason=signal.Signals(signum).name.lower())
+        )
+    )
+    pair_endpoint = f"inproc://erllama-worker-{os.getpid()}"
+    pair = child.ctx.socket(zmq.PAIR)
+    pair.setsockopt(zmq.LINGER, 0)
+    pair.setsockopt(zmq.SNDHWM, 0)  # never block the compute thread on its own IO thread
+    pair.bind(pair_endpoint)
+    io = IoThread(child.ctx, child.link, child.run_dir, pair_endpoint, inbox, cancels)
+    lingering: list[str] = []  # threads that still hold sockets (ctx.term() would hang)
+    io.start()
+    child.on_exit(_stop_io, child, pair, io, lingering)
+    child.hand_over(lambda msg: to_io(pair, [IoThread.CONTROL, *encode(msg)]))
     try:
         backend = load_backend(spec)
-    except ErllamaError as exc:
-        return _start_failed(pair, exc.code, exc.message)
+    except ErllamaError:
+        raise
     except Exception as exc:
         log.exception("model load crashed")
-        return _start_failed(pair, ErrorCode.LOAD_FAILED, f"{type(exc).__name__}: {exc}")
+        raise ModelLoadError(f"{type(exc).__name__}: {exc}") from None
 
-    holder = f"{child_id}:{os.getpid()}"
+    holder = f"{child.child_id}:{os.getpid()}"
     layout = TierLayout(cfg.cache.tiers, cfg.daemon_id)
     try:
         layout.ensure()
     except OSError as exc:
         log.warning("cannot create the tier directories (saves will drop): %s", exc)
-    meta_endpoint = ipc_endpoint(run_dir, META_SOCK)
+    meta_endpoint = ipc_endpoint(child.run_dir, META_SOCK)
     from erllama.cache.client import MetaClient
 
     engine_ref: list[Engine] = []
     make_writer = publish_writer_factory(
-        ctx, meta_endpoint, holder, layout, spec.tier, timeout_s=WRITER_META_TIMEOUT_S
+        child.ctx, meta_endpoint, holder, layout, spec.tier, timeout_s=WRITER_META_TIMEOUT_S
     )
     if spec.backend == "stub":
         make_writer = slow_writer(make_writer, spec.stub.save_delay_ms)
@@ -288,13 +269,10 @@ def _run(
         queue_bytes=cfg.cache.writer_queue_bytes,
         on_done=lambda job: engine_ref[0].on_save_done(job) if engine_ref else None,
     )
-    cache = MetaCache(MetaClient(ctx, meta_endpoint, holder, timeout_s=META_TIMEOUT_S), saver)
+    cache = MetaCache(MetaClient(child.ctx, meta_endpoint, holder, timeout_s=META_TIMEOUT_S), saver)
 
     def emit(client_id: bytes, msg: Msg) -> None:
         to_io(pair, [IoThread.REPLY, client_id, *encode(msg)])
-
-    def report(msg: Msg) -> None:  # to the root; queued before any reply emitted after it
-        to_io(pair, [IoThread.CONTROL, *encode(msg)])
 
     sup = cfg.supervisor
     engine = Engine(
@@ -310,21 +288,20 @@ def _run(
         # the root allows drain_timeout_s + evict_save_timeout_ms before its SIGTERM
         drain_timeout_s=sup.drain_timeout_s * STOP_SLACK,
         save_timeout_s=cfg.cache.evict_save_timeout_s,
-        report=report,
+        report=child.send,  # to the root; queued before any reply emitted after it
         hostname=(cfg.cache.hostname or "").encode(),
         version=_dist_version("erllama").encode(),
     )
     engine_ref.append(engine)
     try:  # before Ready: requests held during a restart never run on the base weights
         engine.adapters.restore(cfg.adapters, cfg.adapter_next_handle)
-    except ErllamaError as exc:
+    except ErllamaError:
         cache.close(timeout_s=0.0)
         backend.close()
-        return _start_failed(pair, exc.code, exc.message)
+        raise
     saver.start()
     io.attach(engine, backend)
     to_io(pair, [IoThread.CONNECT, model_id.encode()])
-    to_io(pair, [IoThread.CONTROL, *encode(Ready(info=model_info(model_id, spec, backend)))])
     log.info(
         "event=ready model=%s backend=%s n_ctx=%d tier=%s",
         model_id,
@@ -332,24 +309,28 @@ def _run(
         backend.info.n_ctx,
         spec.tier,
     )
-    code = 0
-    try:
-        engine.run()
-    except FatalEngineError as exc:
-        log.error("event=fatal %s: exiting so the supervisor restarts the model", exc)
-        code = 1
-    finally:
-        io.detach()
-        # snapshots already queued are sound even after a fatal error: let them land
-        cache.close(timeout_s=engine.save_timeout_s if code else 1.0)
-        backend.close()
-        if saver.alive:  # a write past evict_save_timeout_ms still holds its meta socket
-            log.warning("event=saver_abandoned a save is still being written; exiting anyway")
-            lingering.append("saver")
-    if io.crashed:
-        code = 1
-    log.info("event=exit code=%d", code)
-    return code
+
+    def loop() -> int:
+        code = 0
+        try:
+            engine.run()
+        except FatalEngineError as exc:
+            log.error("event=fatal %s: exiting so the supervisor restarts the model", exc)
+            code = 1
+        finally:
+            io.detach()
+            # snapshots already queued are sound even after a fatal error: let them land
+            cache.close(timeout_s=engine.save_timeout_s if code else 1.0)
+            backend.close()
+            if saver.alive:  # a write past evict_save_timeout_ms still holds its meta socket
+                log.warning("event=saver_abandoned a save is still being written; exiting anyway")
+                lingering.append("saver")
+        if io.crashed:
+            code = 1
+        log.info("event=exit code=%d", code)
+        return code
+
+    return lifecycle.Started(loop, model_info(model_id, spec, backend))
 
 
 def run(run_dir: str, child_id: str) -> None:
