@@ -104,21 +104,11 @@ class Client(SyncIO):
     unload_model = unload
 
     def list_models(self) -> list[ModelInfo]:
-        """Every model the daemon knows, with its state.
-
-        Returns:
-            One ``ModelInfo`` per model.
-        """
+        """Every model the daemon knows, with its state: one ``ModelInfo`` per model."""
         return self._call(self._core.list_models())
 
     def model_info(self, model: str) -> ModelInfo:
-        """One model's info.
-
-        Args:
-            model: the model id.
-
-        Returns:
-            The model's ``ModelInfo``.
+        """One model's ``ModelInfo``.
 
         Raises:
             UnknownModelError: ``noproc`` for an unknown model.
@@ -207,10 +197,9 @@ class Client(SyncIO):
         return self._stream(self._core.infer(model, tokens, params))
 
     def cancel(self, request_id: str) -> None:
-        """Cancel a request of this client (idempotent; an unknown id is a no-op).
+        """Cancel the request ``request_id`` of a stream or completion of this client.
 
-        Args:
-            request_id: the ``request_id`` of a stream or completion.
+        Idempotent; an unknown id is a no-op.
         """
         self._call(self._core.cancel(request_id))
 
@@ -230,31 +219,18 @@ class Client(SyncIO):
         return self._call(self._core.tokenize(model, text, parse_special=parse_special))
 
     def detokenize(self, model: str, tokens: Sequence[int]) -> str:
-        """Turn tokens back into text.
-
-        Args:
-            model: the model id.
-            tokens: the token ids.
-
-        Returns:
-            The text.
-        """
+        """Turn the token ids ``tokens`` back into text with the model's tokenizer."""
         return self._call(self._core.detokenize(model, tokens))
 
     # ================================================================ observability
     def counters(self) -> dict[str, int]:
-        """The cache and daemon counters.
-
-        Returns:
-            Counter name -> value.
-        """
+        """The cache and daemon counters: counter name -> value."""
         return self._call(self._core.counters())
 
     def vram_info(self) -> dict[str, int]:
-        """GPU memory summed over every GPU, read from NVML now (scheduler on or off).
+        """GPU memory (``{total_b, free_b, used_b}``) summed over every GPU, read from NVML now.
 
-        Returns:
-            ``{total_b, free_b, used_b}``.
+        Works with the scheduler on or off.
 
         Raises:
             NotSupportedError: ``no_gpu`` (no GPU, no NVML, no scheduler process).
@@ -322,57 +298,27 @@ class Client(SyncIO):
     def phase(self, model: str) -> str:
         """Lock-free phase of a model: ``idle``, ``prefilling`` or ``generating``.
 
-        Args:
-            model: the model id (an unknown model reads as ``idle``).
-
-        Returns:
-            The phase.
+        An unknown model reads as ``idle``.
         """
         return self._call(self._core.status_row(model)).phase
 
     def pending_len(self, model: str) -> int:
-        """Requests waiting in the model's queue (lock-free; 0 for an unknown model).
-
-        Args:
-            model: the model id.
-
-        Returns:
-            The queue length.
-        """
+        """Requests waiting in the model's queue (lock-free; 0 for an unknown model)."""
         return self._call(self._core.status_row(model)).pending_len
 
     def last_cache_hit(self, model: str) -> CacheHit | None:
-        """The cache hit of the model's last admitted request (lock-free).
+        """``CacheHit(kind, prefix_len)`` of the model's last admitted request (lock-free).
 
-        Args:
-            model: the model id.
-
-        Returns:
-            ``CacheHit(kind, prefix_len)``, or None before the first request
-            or for an unknown model.
+        None before the first request or for an unknown model.
         """
         return self._call(self._core.status_row(model)).last_cache_hit
 
     def queue_depth(self, model: str | None = None) -> int:
-        """Admitted streaming requests, of one model or of all.
-
-        Args:
-            model: the model id, or None for every model.
-
-        Returns:
-            The count.
-        """
+        """The count of admitted streaming requests of ``model``, or of every model for None."""
         return self._call(self._core.queue_depth(model))
 
     def list_cached_prefixes(self, model: str, tokens: Sequence[int]) -> int:
-        """Length of the longest cached prefix of ``tokens`` for the model.
-
-        Args:
-            model: the model id.
-            tokens: the prompt tokens.
-
-        Returns:
-            The matched length (0: nothing cached).
+        """Length of the longest cached prefix of ``tokens`` for the model (0: nothing cached).
 
         Raises:
             UnknownModelError: ``model_not_loaded``.
@@ -380,38 +326,22 @@ class Client(SyncIO):
         return self._call(self._core.list_cached_prefixes(model, tokens))
 
     def status(self, model: str) -> str:
-        """The model's phase, asked of its worker (a round trip, unlike ``phase``).
+        """The model's phase (``idle``, ``prefilling`` or ``generating``), asked of its worker.
 
-        Args:
-            model: the model id.
-
-        Returns:
-            ``idle``, ``prefilling`` or ``generating``.
+        A round trip, unlike ``phase``.
         """
         return self._call(self._core.status(model))
 
     def evict(self, model: str) -> None:
-        """Save the live state of the model's in-flight requests (reason ``evict``).
-
-        Args:
-            model: the model id.
-        """
+        """Save the live state of the model's in-flight requests (reason ``evict``)."""
         self._call(self._core.evict(model))
 
     def shutdown(self, model: str) -> None:
-        """Like ``evict`` with save reason ``shutdown`` (a graceful-stop hook).
-
-        Args:
-            model: the model id.
-        """
+        """Like ``evict`` with save reason ``shutdown`` (a graceful-stop hook)."""
         self._call(self._core.shutdown(model))
 
     def daemon_status(self) -> DaemonStatus:
-        """Models, cache tiers with usage and budgets, run directory and pid.
-
-        Returns:
-            The ``DaemonStatus``.
-        """
+        """The ``DaemonStatus``: models, cache tiers with usage and budgets, run directory, pid."""
         return self._call(self._core.daemon_status())
 
     # ======================================================= templates, embeddings, adapters
@@ -474,11 +404,7 @@ class Client(SyncIO):
         return self._call(self._core.load_adapter(model, path))
 
     def unload_adapter(self, model: str, handle: str) -> None:
-        """Detach an adapter (idempotent: an unknown handle is fine).
-
-        Args:
-            model: the model id.
-            handle: a handle from ``load_adapter``.
+        """Detach the adapter ``handle`` (from ``load_adapter``); an unknown handle is fine.
 
         Raises:
             NotSupportedError: ``not_supported`` (the stub backend).
@@ -500,13 +426,9 @@ class Client(SyncIO):
         self._call(self._core.set_adapter_scale(model, handle, scale))
 
     def list_adapters(self, model: str) -> list[dict[str, Any]]:
-        """The attached adapters, in list order.
+        """The model's attached adapters in list order: ``[{"handle": str, "scale": float}, ...]``.
 
-        Args:
-            model: the model id.
-
-        Returns:
-            ``[{"handle": str, "scale": float}, ...]`` (``[]`` when none).
+        ``[]`` when none.
         """
         return self._call(self._core.list_adapters(model))
 
