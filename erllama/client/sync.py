@@ -1,149 +1,35 @@
-"""``Client``: the blocking client (one DEALER socket, a Poller and deadlines).
+"""``Client``: the blocking client's public methods (its IO is ``sync_io.SyncIO``).
 
 A ``Client`` belongs to one thread: ZeroMQ sockets are not thread-safe. Use
-one client per thread, or ``AsyncClient`` in an event loop.
+one client per thread, or ``AsyncClient`` in an event loop. Each method
+builds its request in the core (``requests``), runs it (``SyncIO._call``,
+``_stream`` or ``_run``) and returns the value; the full documentation of
+every operation is here, and ``AsyncClient`` points to it.
 
-Sockets (in the client's own ``zmq.Context``, created on first use):
-    connects  DEALER to the daemon's client endpoint (``ZMQ_IMMEDIATE``: a
-              request waits up to ``Timeout.connect`` for the daemon, never
-              queues for an absent one)
-    binds     inproc PAIR, the DEALER's socket monitor (handshake and
-              disconnect events only)
-
-Every request carries a fresh request id; replies are demultiplexed by it
-into per-request inboxes, so several streams can be read alternately in one
-thread. A reply whose request id is not pending (a stream that was
-cancelled or abandoned, a request that timed out) is dropped. When the
-monitor reports a lost connection, every pending request fails with
-``DaemonUnavailableError``: a daemon that dies never leaves a caller hanging.
+Sockets: those of ``SyncIO`` (a DEALER to the daemon and its monitor PAIR).
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import logging
 import os
-import threading
-import warnings
 from collections.abc import Mapping, Sequence
-from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-import zmq
-
-from erllama.client._core import (
-    MONITOR_EVENTS,
-    Call,
-    ClientCore,
-    ClientState,
-    Completion,
-    Event,
-    Timeout,
-    daemon_gone,
-    deadline_after,
-    remaining_ms,
-)
-from erllama.protocol.auth import client_curve
-from erllama.protocol.errors import DaemonUnavailableError, ErllamaError, RequestTimeoutError
+from erllama.client.models import Completion
+from erllama.client.sync_io import Stream, SyncIO
 from erllama.protocol.messages import (
     CacheHit,
     DaemonStatus,
     ModelInfo,
-    Msg,
     PrefillResult,
     SchedulerCheck,
     SchedulerStatus,
 )
 
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-_Item = Msg | ErllamaError
+__all__ = ["Client", "Stream"]
 
 
-class Stream:
-    """The events of one ``stream`` or ``infer`` request.
-
-    Iterate it to get ``Event`` objects; the ``done`` event is the last one.
-    An ``error`` event is not yielded: iteration raises the mapped
-    ``ErllamaError`` (for example ``WorkerCrashedError``) and the stream ends.
-
-    Leaving early cancels the request on the daemon: ``close()``, leaving a
-    ``with`` block, or dropping the last reference to an unfinished stream
-    sends ``Cancel`` for its request id (events still in flight are dropped
-    on arrival, never waited for).
-
-    Attributes:
-        request_id: the request id of the stream (what ``Client.cancel`` takes).
-    """
-
-    def __init__(self, client: Client, request_id: str) -> None:
-        self._client = client
-        self.request_id = request_id
-        self._started = False
-        self._finished = False
-
-    def __iter__(self) -> Stream:
-        return self
-
-    def __next__(self) -> Event:
-        """The next event.
-
-        Raises:
-            StopIteration: after the ``done`` event (or after an error was raised).
-            ErllamaError: the stream's ``error`` event, mapped.
-            RequestTimeoutError: ``Timeout.request`` passed before the first
-                event, or ``Timeout.stream_idle`` between two events (the
-                request is cancelled).
-            DaemonUnavailableError: the daemon went away.
-        """
-        if self._finished:
-            raise StopIteration
-        t = self._client.timeout
-        deadline = deadline_after(t.stream_idle if self._started else t.request)
-        try:
-            msg = self._client._wait(self.request_id, deadline)
-            self._started = True
-            event = self._client._core.event(msg)
-        except RequestTimeoutError:
-            self._finish(cancel=True)
-            raise
-        except ErllamaError:
-            self._finish(cancel=False)
-            raise
-        if event.kind == "done":
-            self._finish(cancel=False)
-        return event
-
-    def close(self) -> None:
-        """Stop the stream: cancel it on the daemon if it has not finished."""
-        if not self._finished:
-            self._finish(cancel=True)
-
-    def _finish(self, *, cancel: bool) -> None:
-        self._finished = True
-        self._client._forget(self.request_id, cancel=cancel)
-
-    def __enter__(self) -> Stream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if not getattr(self, "_finished", True):
-            self._finished = True
-            with contextlib.suppress(Exception):  # e.g. at interpreter shutdown
-                self._client._abandon(self.request_id)
-
-
-class Client:
+class Client(SyncIO):
     """A blocking client of the erllama daemon.
 
     Args:
@@ -170,248 +56,12 @@ class Client:
             print(c.complete("default", "Hello", response_tokens=16).reply)
     """
 
-    def __init__(
-        self,
-        endpoint: str | None = None,
-        *,
-        timeout: float | Timeout | None = None,
-        curve_server_key: str | bytes | os.PathLike[str] | None = None,
-        curve_secret_key: str | bytes | os.PathLike[str] | None = None,
-        curve_public_key: str | bytes | None = None,
-    ):
-        curve = client_curve(curve_server_key, curve_secret_key, curve_public_key)
-        self._core = ClientCore(endpoint, timeout, curve)
-        self._state = ClientState.UNOPENED
-        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
-        self._sock: zmq.Socket[bytes] | None = None
-        self._monitor: zmq.Socket[bytes] | None = None
-        self._poller = zmq.Poller()
-        self._inbox: dict[str, collections.deque[_Item]] = {}
-        self._cancellable: set[str] = set()
-        self._abandoned: collections.deque[str] = collections.deque()
-        self._owner = threading.get_ident()
-        self._busy = 0
-
-    # ================================================================ properties
-    @property
-    def endpoint(self) -> str:
-        """The endpoint this client connects to."""
-        return self._core.endpoint
-
-    @property
-    def timeout(self) -> Timeout:
-        """The client's deadlines."""
-        return self._core.timeout
-
-    @property
-    def state(self) -> ClientState:
-        """UNOPENED, OPENED or CLOSED."""
-        return self._state
-
-    # ================================================================ lifecycle
-    def __enter__(self) -> Client:
-        self._open()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _open(self) -> None:
-        if self._state is ClientState.CLOSED:
-            raise RuntimeError("the client has been closed; create a new one")
-        if self._state is ClientState.OPENED:
-            return
-        self._core.check_endpoint()
-        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        try:
-            sock = ctx.socket(zmq.DEALER)
-            self._core.configure(sock)
-            monitor = sock.get_monitor_socket(MONITOR_EVENTS)
-            sock.connect(self._core.endpoint)
-        except zmq.ZMQError as exc:
-            ctx.destroy(linger=0)
-            raise DaemonUnavailableError(f"cannot connect to {self._core.endpoint}: {exc}") from exc
-        self._ctx, self._sock, self._monitor = ctx, sock, monitor
-        self._poller.register(sock, zmq.POLLIN)
-        self._poller.register(monitor, zmq.POLLIN)
-        self._owner = threading.get_ident()
-        self._state = ClientState.OPENED
-
     def close(self) -> None:
         """Cancel unfinished streams and completions, then close the socket.
 
         Idempotent; the client cannot be used afterwards.
         """
-        if self._state is ClientState.CLOSED:
-            return
-        was_open = self._state is ClientState.OPENED
-        self._state = ClientState.CLOSED
-        if was_open:
-            for rid in [*self._abandoned, *self._cancellable]:
-                self._send_cancel_nowait(rid)
-        self._abandoned.clear()
-        self._cancellable.clear()
-        self._inbox.clear()
-        self._teardown(linger=None)
-
-    def _teardown(self, *, linger: int | None) -> None:
-        sock, monitor, ctx = self._sock, self._monitor, self._ctx
-        self._sock = self._monitor = self._ctx = None
-        if sock is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                sock.disable_monitor()
-            if monitor is not None:
-                monitor.close(linger=0)
-            sock.close(linger=linger)
-        if ctx is not None:
-            ctx.term()
-
-    def __del__(self) -> None:
-        if getattr(self, "_state", None) is ClientState.OPENED:
-            warnings.warn(
-                f"unclosed {type(self).__name__} to {self._core.endpoint}; use close() or `with`",
-                ResourceWarning,
-                stacklevel=2,
-            )
-            with contextlib.suppress(Exception):
-                self._state = ClientState.CLOSED
-                self._teardown(linger=0)
-
-    # ================================================================ IO
-    def _send(self, msg: Msg) -> None:
-        assert self._sock is not None
-        self._flush_abandoned()
-        self._drain_monitor()
-        timeout_ms = remaining_ms(deadline_after(self._core.timeout.connect))
-        if not self._sock.poll(timeout_ms, zmq.POLLOUT):
-            raise self._core.unreachable()
-        try:
-            self._sock.send_multipart(self._core.frames(msg), zmq.NOBLOCK)
-        except zmq.Again:
-            raise self._core.unreachable() from None
-
-    def _send_cancel_nowait(self, target: str) -> None:
-        if self._sock is None:
-            return
-        try:
-            self._sock.send_multipart(self._core.frames(self._core.cancel_msg(target)), zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # no daemon: nothing to cancel there
-            log.debug("cancel of %s not sent: %s", target, exc)
-
-    def _start(self, msg: Msg, *, cancellable: bool) -> str:
-        """Open if needed, register the request id, send."""
-        if self._state is ClientState.CLOSED:
-            raise RuntimeError("the client has been closed; create a new one")
-        self._open()
-        rid = msg.request_id
-        self._inbox[rid] = collections.deque()
-        if cancellable:
-            self._cancellable.add(rid)
-        try:
-            self._send(msg)
-        except BaseException:
-            self._inbox.pop(rid, None)
-            self._cancellable.discard(rid)
-            raise
-        return rid
-
-    def _wait(self, rid: str, deadline: float | None) -> Msg:
-        """The next reply for ``rid``, dispatching others to their inboxes."""
-        if self._state is not ClientState.OPENED:
-            raise RuntimeError("the client has been closed")
-        assert self._sock is not None and self._monitor is not None
-        self._busy += 1
-        try:
-            while True:
-                inbox = self._inbox.get(rid)
-                if inbox is None:
-                    raise RuntimeError(f"request {rid} is not pending")
-                if inbox:
-                    item = inbox.popleft()
-                    if isinstance(item, ErllamaError):
-                        raise item
-                    return item
-                self._flush_abandoned()
-                timeout_ms = remaining_ms(deadline)
-                if timeout_ms == 0:
-                    raise RequestTimeoutError(f"no reply to request {rid} within the deadline")
-                ready = dict(self._poller.poll(timeout_ms))
-                if self._monitor in ready:
-                    self._drain_monitor()
-                if self._sock in ready:
-                    self._drain_socket()
-        finally:
-            self._busy -= 1
-
-    def _drain_socket(self) -> None:
-        assert self._sock is not None
-        while True:
-            try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            rid, item = self._core.decode(frames)
-            inbox = self._inbox.get(rid)
-            if inbox is None:
-                log.debug("reply for %r dropped: not pending", rid)
-                continue
-            inbox.append(item)
-
-    def _drain_monitor(self) -> None:
-        assert self._monitor is not None
-        while True:
-            try:
-                frames = self._monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if self._core.monitor_disconnected(frames):
-                # what was in flight on the lost connection will never be answered
-                for inbox in list(self._inbox.values()):
-                    inbox.append(daemon_gone(self._core.endpoint))
-
-    def _forget(self, rid: str, *, cancel: bool) -> None:
-        self._inbox.pop(rid, None)
-        self._cancellable.discard(rid)
-        if cancel and self._state is ClientState.OPENED:
-            self._send_cancel_nowait(rid)
-
-    def _abandon(self, rid: str) -> None:
-        """A stream was dropped unfinished (maybe from a GC in another thread)."""
-        if self._state is not ClientState.OPENED:
-            return
-        self._abandoned.append(rid)
-        if threading.get_ident() == self._owner and not self._busy:
-            self._flush_abandoned()
-
-    def _flush_abandoned(self) -> None:
-        while self._abandoned:
-            try:
-                rid = self._abandoned.popleft()
-            except IndexError:
-                return
-            self._forget(rid, cancel=True)
-
-    def _call(self, call: Call[T]) -> T:
-        rid = self._start(call.msg, cancellable=call.cancellable)
-        deadline = deadline_after(self._core.timeout.request)
-        done = False
-        try:
-            while True:
-                msg = self._wait(rid, deadline)
-                if self._core.is_terminal(msg):
-                    done = True
-                    return self._core.finish(call, msg)
-        finally:
-            self._forget(rid, cancel=call.cancellable and not done)
-
-    def _stream(self, msg: Msg) -> Stream:
-        rid = self._start(msg, cancellable=True)
-        return Stream(self, rid)
+        self._close()
 
     # ================================================================ lifecycle API
     def load_model(
@@ -454,21 +104,11 @@ class Client:
     unload_model = unload
 
     def list_models(self) -> list[ModelInfo]:
-        """Every model the daemon knows, with its state.
-
-        Returns:
-            One ``ModelInfo`` per model.
-        """
+        """Every model the daemon knows, with its state: one ``ModelInfo`` per model."""
         return self._call(self._core.list_models())
 
     def model_info(self, model: str) -> ModelInfo:
-        """One model's info.
-
-        Args:
-            model: the model id.
-
-        Returns:
-            The model's ``ModelInfo``.
+        """One model's ``ModelInfo``.
 
         Raises:
             UnknownModelError: ``noproc`` for an unknown model.
@@ -557,10 +197,9 @@ class Client:
         return self._stream(self._core.infer(model, tokens, params))
 
     def cancel(self, request_id: str) -> None:
-        """Cancel a request of this client (idempotent; an unknown id is a no-op).
+        """Cancel the request ``request_id`` of a stream or completion of this client.
 
-        Args:
-            request_id: the ``request_id`` of a stream or completion.
+        Idempotent; an unknown id is a no-op.
         """
         self._call(self._core.cancel(request_id))
 
@@ -580,31 +219,18 @@ class Client:
         return self._call(self._core.tokenize(model, text, parse_special=parse_special))
 
     def detokenize(self, model: str, tokens: Sequence[int]) -> str:
-        """Turn tokens back into text.
-
-        Args:
-            model: the model id.
-            tokens: the token ids.
-
-        Returns:
-            The text.
-        """
+        """Turn the token ids ``tokens`` back into text with the model's tokenizer."""
         return self._call(self._core.detokenize(model, tokens))
 
     # ================================================================ observability
     def counters(self) -> dict[str, int]:
-        """The cache and daemon counters.
-
-        Returns:
-            Counter name -> value.
-        """
+        """The cache and daemon counters: counter name -> value."""
         return self._call(self._core.counters())
 
     def vram_info(self) -> dict[str, int]:
-        """GPU memory summed over every GPU, read from NVML now (scheduler on or off).
+        """GPU memory (``{total_b, free_b, used_b}``) summed over every GPU, read from NVML now.
 
-        Returns:
-            ``{total_b, free_b, used_b}``.
+        Works with the scheduler on or off.
 
         Raises:
             NotSupportedError: ``no_gpu`` (no GPU, no NVML, no scheduler process).
@@ -672,57 +298,27 @@ class Client:
     def phase(self, model: str) -> str:
         """Lock-free phase of a model: ``idle``, ``prefilling`` or ``generating``.
 
-        Args:
-            model: the model id (an unknown model reads as ``idle``).
-
-        Returns:
-            The phase.
+        An unknown model reads as ``idle``.
         """
         return self._call(self._core.status_row(model)).phase
 
     def pending_len(self, model: str) -> int:
-        """Requests waiting in the model's queue (lock-free; 0 for an unknown model).
-
-        Args:
-            model: the model id.
-
-        Returns:
-            The queue length.
-        """
+        """Requests waiting in the model's queue (lock-free; 0 for an unknown model)."""
         return self._call(self._core.status_row(model)).pending_len
 
     def last_cache_hit(self, model: str) -> CacheHit | None:
-        """The cache hit of the model's last admitted request (lock-free).
+        """``CacheHit(kind, prefix_len)`` of the model's last admitted request (lock-free).
 
-        Args:
-            model: the model id.
-
-        Returns:
-            ``CacheHit(kind, prefix_len)``, or None before the first request
-            or for an unknown model.
+        None before the first request or for an unknown model.
         """
         return self._call(self._core.status_row(model)).last_cache_hit
 
     def queue_depth(self, model: str | None = None) -> int:
-        """Admitted streaming requests, of one model or of all.
-
-        Args:
-            model: the model id, or None for every model.
-
-        Returns:
-            The count.
-        """
+        """The count of admitted streaming requests of ``model``, or of every model for None."""
         return self._call(self._core.queue_depth(model))
 
     def list_cached_prefixes(self, model: str, tokens: Sequence[int]) -> int:
-        """Length of the longest cached prefix of ``tokens`` for the model.
-
-        Args:
-            model: the model id.
-            tokens: the prompt tokens.
-
-        Returns:
-            The matched length (0: nothing cached).
+        """Length of the longest cached prefix of ``tokens`` for the model (0: nothing cached).
 
         Raises:
             UnknownModelError: ``model_not_loaded``.
@@ -730,38 +326,22 @@ class Client:
         return self._call(self._core.list_cached_prefixes(model, tokens))
 
     def status(self, model: str) -> str:
-        """The model's phase, asked of its worker (a round trip, unlike ``phase``).
+        """The model's phase (``idle``, ``prefilling`` or ``generating``), asked of its worker.
 
-        Args:
-            model: the model id.
-
-        Returns:
-            ``idle``, ``prefilling`` or ``generating``.
+        A round trip, unlike ``phase``.
         """
         return self._call(self._core.status(model))
 
     def evict(self, model: str) -> None:
-        """Save the live state of the model's in-flight requests (reason ``evict``).
-
-        Args:
-            model: the model id.
-        """
+        """Save the live state of the model's in-flight requests (reason ``evict``)."""
         self._call(self._core.evict(model))
 
     def shutdown(self, model: str) -> None:
-        """Like ``evict`` with save reason ``shutdown`` (a graceful-stop hook).
-
-        Args:
-            model: the model id.
-        """
+        """Like ``evict`` with save reason ``shutdown`` (a graceful-stop hook)."""
         self._call(self._core.shutdown(model))
 
     def daemon_status(self) -> DaemonStatus:
-        """Models, cache tiers with usage and budgets, run directory and pid.
-
-        Returns:
-            The ``DaemonStatus``.
-        """
+        """The ``DaemonStatus``: models, cache tiers with usage and budgets, run directory, pid."""
         return self._call(self._core.daemon_status())
 
     # ======================================================= templates, embeddings, adapters
@@ -824,11 +404,7 @@ class Client:
         return self._call(self._core.load_adapter(model, path))
 
     def unload_adapter(self, model: str, handle: str) -> None:
-        """Detach an adapter (idempotent: an unknown handle is fine).
-
-        Args:
-            model: the model id.
-            handle: a handle from ``load_adapter``.
+        """Detach the adapter ``handle`` (from ``load_adapter``); an unknown handle is fine.
 
         Raises:
             NotSupportedError: ``not_supported`` (the stub backend).
@@ -850,13 +426,9 @@ class Client:
         self._call(self._core.set_adapter_scale(model, handle, scale))
 
     def list_adapters(self, model: str) -> list[dict[str, Any]]:
-        """The attached adapters, in list order.
+        """The model's attached adapters in list order: ``[{"handle": str, "scale": float}, ...]``.
 
-        Args:
-            model: the model id.
-
-        Returns:
-            ``[{"handle": str, "scale": float}, ...]`` (``[]`` when none).
+        ``[]`` when none.
         """
         return self._call(self._core.list_adapters(model))
 
@@ -882,22 +454,7 @@ class Client:
             RequestTimeoutError: ``timeout`` (30 s).
             ErllamaError: the draft's ``error`` event (e.g. ``WorkerCrashedError``).
         """
-        msg = self._core.draft_tokens(model, prefix, max)
-        rid = self._start(msg, cancellable=True)
-        deadline = deadline_after(self._core.draft_timeout_s)
-        tokens: list[int] = []
-        done = False
-        try:
-            while True:
-                try:
-                    reply = self._wait(rid, deadline)
-                except RequestTimeoutError:
-                    raise self._core.draft_timeout() from None
-                done = self._core.is_terminal(reply)
-                if self._core.draft_event(reply, tokens):
-                    return tokens
-        finally:
-            self._forget(rid, cancel=not done)
+        return self._run(self._core.draft(model, prefix, max))
 
     def verify(
         self, model: str, prefix: Sequence[int], candidates: Sequence[int], k: int
@@ -924,11 +481,3 @@ class Client:
             NotSupportedError: ``not_supported``: the backend cannot verify.
         """
         return self._call(self._core.verify(model, prefix, candidates, k))
-
-    # ================================================================ debugging
-    def _pending(self) -> list[str]:
-        """Request ids waiting for replies (for tests)."""
-        return list(self._inbox)
-
-    def __repr__(self) -> str:
-        return f"<Client {self._core.endpoint} {self._state.name}>"
