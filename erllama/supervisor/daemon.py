@@ -65,7 +65,7 @@ from pathlib import Path
 import zmq
 
 from erllama.config import Config, ConfigError, RestartPolicy, parse_listen, resolve_run_dir
-from erllama.protocol.sockets import CLIENT_SOCK, EVENTS_SOCK, ensure_private_dir, ipc_endpoint
+from erllama.protocol.sockets import CLIENT_SOCK, EVENTS_SOCK, ipc_endpoint
 from erllama.supervisor import rundir, sleeping
 from erllama.supervisor.child import ChildProcess, describe_exit
 from erllama.supervisor.control import ControlServer
@@ -106,47 +106,23 @@ def serve(config: Config, *, modules: dict[str, str] | None = None) -> int:
         directory is held by another live daemon or is not usable.
     """
     run_dir = resolve_run_dir(config).absolute()
-    lock = rundir.RunDirLock(run_dir)
+    endpoint = config.daemon.endpoint or ipc_endpoint(run_dir, CLIENT_SOCK)
+    owned = rundir.RunDir(
+        run_dir, endpoint, ram_tier=any(t.name == "ram" for t in config.cache.tiers)
+    )
     try:
-        ensure_private_dir(run_dir)
-        lock.acquire()
+        owned.claim()
     except rundir.RunDirBusyError as exc:
         log.error("event=already_running run_dir=%s %s", run_dir, exc)
         return 2
     except OSError as exc:
         log.error("event=bad_run_dir run_dir=%s %s", run_dir, exc)
         return 2
-    daemon_id = rundir.daemon_id_for(run_dir)
-    endpoint = config.daemon.endpoint or ipc_endpoint(run_dir, CLIENT_SOCK)
-    extra_files = _endpoint_files(run_dir, endpoint)
-    ram_dir = (
-        rundir.ram_tier_dir(daemon_id) if any(t.name == "ram" for t in config.cache.tiers) else None
-    )
     try:
-        stale = rundir.remove_socket_files(run_dir)
-        _remove_paths(extra_files)
-        if stale:
-            log.warning("removed stale socket files of a dead daemon: %s", ", ".join(stale))
-        if ram_dir is not None:
-            rundir.reset_ram_dir(ram_dir)
-        root = Root(config, run_dir, daemon_id, endpoint, modules=modules)
-        return root.run()
+        owned.prepare()
+        return Root(config, run_dir, owned.daemon_id, endpoint, modules=modules).run()
     finally:
-        rundir.remove_socket_files(run_dir)
-        _remove_paths(extra_files)
-        if ram_dir is not None:
-            rundir.remove_ram_dir(ram_dir)
-        lock.release()
-
-
-def _endpoint_files(run_dir: Path, endpoint: str) -> list[Path]:
-    p = rundir.ipc_path(endpoint)
-    return [p] if p is not None and p.parent != run_dir else []
-
-
-def _remove_paths(paths: list[Path]) -> None:
-    for p in paths:
-        p.unlink(missing_ok=True)
+        owned.release()
 
 
 class Root:
