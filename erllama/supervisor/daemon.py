@@ -60,18 +60,28 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import zmq
 
-from erllama.config import Config, ConfigError, RestartPolicy, parse_listen, resolve_run_dir
+from erllama.config import Config, ConfigError, parse_listen, resolve_run_dir
+from erllama.protocol.messages import AdaptersChanged, Hello, Pong, Ready, SleepWorker, StartFailed
 from erllama.protocol.sockets import CLIENT_SOCK, EVENTS_SOCK, ipc_endpoint
-from erllama.supervisor import rundir, sleeping
+from erllama.supervisor import payloads, rundir, sleeping
 from erllama.supervisor.child import ChildProcess, describe_exit
-from erllama.supervisor.control import ControlServer
+from erllama.supervisor.control import (
+    ChildMessage,
+    ControlChannel,
+    ControlEvent,
+    FromChild,
+    FromRouter,
+)
+from erllama.supervisor.effects import Answer, BeginStop, Effect, Publish, Spawn, Tell, Wake
 from erllama.supervisor.events import EventPublisher
 from erllama.supervisor.slot import INF, Slot
-from erllama.supervisor.tree import ChildSpec, ChildState, IntensityWindow, RestartTracker
+from erllama.supervisor.table import SlotTable
+from erllama.supervisor.tree import ChildState, IntensityWindow
 from erllama.supervisor.wakeup import SignalWakeup
 
 log = logging.getLogger(__name__)
@@ -83,15 +93,6 @@ MODULES: dict[str, str] = {
     "gateway": "erllama.gateway.process",
     "worker": "erllama.workers.worker",
 }
-# Core children restart fast; the root's own intensity (SupervisorConfig) is their limit.
-CORE_POLICY = RestartPolicy(
-    restart="permanent",
-    max_restarts=1_000_000,
-    within_s=1.0,
-    backoff_initial_s=0.25,
-    backoff_max_s=5.0,
-    startsecs=1.0,
-)
 
 
 def serve(config: Config, *, modules: dict[str, str] | None = None) -> int:
@@ -145,8 +146,9 @@ class Root:
         self.modules = {**MODULES, **(modules or {})}
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.events = EventPublisher(self.ctx, ipc_endpoint(run_dir, EVENTS_SOCK))
-        self.slots: dict[str, Slot] = {}
-        self.control = ControlServer(self)
+        self.table = SlotTable(self.modules, cfg.cache)
+        self.slots = self.table.slots  # read here; written by the table only
+        self.control = ControlChannel(self.ctx, run_dir, self.slots)
         self.poller = zmq.Poller()
         self.poller.register(self.control.socket, zmq.POLLIN)
         self.root_window = IntensityWindow(self.sup.max_restarts, self.sup.within_s)
@@ -162,7 +164,7 @@ class Root:
         if self.wakeup.install():
             self.poller.register(self.wakeup.fd, zmq.POLLIN)
         try:
-            self.spawn(self._core_slot("meta"), time.monotonic())
+            self.spawn(self.table.add_core("meta"), time.monotonic())
             while not self._finished():
                 self._poll_once()
             return self.exit_code if self.exit_code is not None else 1
@@ -194,7 +196,7 @@ class Root:
                 log.info("event=signal signal=%s", signal.Signals(sig).name)
                 self.shutdown(0, time.monotonic())
         if self.control.socket in ready:
-            self.control.drain()
+            self.control.drain(self._on_control)
         for slot in list(self.slots.values()):
             if slot.proc is not None and slot.proc.sentinel in ready:
                 self.on_exit(slot)
@@ -214,13 +216,80 @@ class Root:
                 self.events.publish("restart", slot.child_id, restarts=slot.tracker.restarts)
                 self.spawn(slot, now)
 
-    # ================================================================ children
-    def _core_slot(self, role: str) -> Slot:
-        spec = ChildSpec(role, role, self.modules[role], "permanent", CORE_POLICY)  # type: ignore[arg-type]
-        slot = Slot(spec=spec, tracker=RestartTracker(spec, fail_first_start=True))
-        self.slots[role] = slot
-        return slot
+    # ================================================================ control
+    def _on_control(self, event: ControlEvent) -> None:
+        now = time.monotonic()
+        stopping = self.exit_code is not None
+        if isinstance(event, FromChild):
+            self._on_child(event.slot, event.msg, now)
+        elif isinstance(event, FromRouter):
+            if isinstance(event.msg, SleepWorker):
+                self._apply(
+                    sleeping.sleep_worker(event.target, event.msg.reason, stopping=stopping), now
+                )
+            else:
+                self._apply(sleeping.wake_worker(event.target, stopping=stopping), now)
+        else:
+            self._apply(self.table.tree_op(event.waiter, event.msg, stopping=stopping), now)
 
+    def _on_child(self, slot: Slot, msg: ChildMessage, now: float) -> None:
+        if isinstance(msg, AdaptersChanged):  # kept for the next incarnation's Init
+            slot.adapters = msg
+            log.info(
+                "event=adapters_recorded model=%s handles=%s",
+                slot.model_id,
+                ",".join(a.handle for a in msg.adapters) or "-",
+            )
+        elif isinstance(msg, Hello):
+            config = payloads.init_payload(
+                slot,
+                self.cfg,
+                daemon_id=self.daemon_id,
+                endpoint=self.endpoint,
+                run_dir=self.run_dir,
+                slots=self.slots.values(),
+            )
+            if self.control.init(slot, config):
+                slot.phase = "init_sent"
+        elif isinstance(msg, Ready):
+            if slot.is_worker:
+                slot.info = payloads.parse_ready_info(msg.info) or slot.info
+            elif slot.spec.role == "gateway":
+                slot.listen = str(msg.info.get("listen") or "")
+            self.on_ready(slot, now)
+        elif isinstance(msg, StartFailed):
+            log.warning(
+                "event=start_failed child=%s code=%s message=%s",
+                slot.child_id,
+                msg.code,
+                msg.message,
+            )
+            slot.start_failed = (msg.code, msg.message)
+        elif isinstance(msg, Pong):
+            self.on_pong(slot, msg.active, msg.progress, now)
+        else:
+            self.on_shutdown_saving(slot, msg.timeout_s, now)
+
+    def _apply(self, effects: Iterable[Effect], now: float) -> None:
+        """Carry out what the table (or ``sleeping``) decided, in order."""
+        for e in effects:
+            if isinstance(e, Answer):
+                self.control.reply(e.waiter, e.code, e.message, e.result)
+            elif isinstance(e, Tell):
+                self.control.model_changed(e.slot, e.state)
+            elif isinstance(e, Publish):
+                self.events.publish(e.word, e.child_id, e.pid, **e.fields)
+            elif isinstance(e, BeginStop):
+                self.begin_stop(e.slot, now, self.sup.drain_timeout_s)
+            elif isinstance(e, Spawn):
+                if not self.spawn(e.slot, now):
+                    self._apply(self.table.remove(e.slot, e.slot.last_exit or "spawn failed"), now)
+            elif isinstance(e, Wake) and not self.spawn(e.slot, now, waking=True):
+                # the process could not even be started: the tracker counted a failed start
+                log.error("event=wake_failed model=%s reason=%s", e.slot.model_id, e.slot.last_exit)
+                self._apply(sleeping.resync(e.slot), now)
+
+    # ================================================================ children
     def spawn(self, slot: Slot, now: float, *, waking: bool = False) -> bool:
         proc = ChildProcess(slot.spec, str(self.run_dir))
         try:
@@ -271,10 +340,7 @@ class Root:
         slot.next_ping_at = now + self.sup.heartbeat_interval_s
         assert slot.proc is not None
         if slot.is_worker:  # the router first: an observer of the event sees it ready
-            self.control.model_changed(slot, "ready")
-            for w in slot.load_waiters:
-                self.control.reply_ok(w, slot.model_id)
-            slot.load_waiters.clear()
+            self._apply(self.table.worker_ready(slot), now)
         extra = {"listen": slot.listen} if slot.spec.role == "gateway" else {}
         self.events.publish(
             "ready", slot.child_id, slot.proc.pid, incarnation=slot.tracker.incarnation, **extra
@@ -314,38 +380,32 @@ class Root:
             self.control.holders_died([f"{slot.child_id}:{proc.pid}"])
         self.events.publish("exit", slot.child_id, proc.pid, code=code, reason=reason)
         decision = slot.tracker.on_exit(now, abnormal=abnormal)
-        if decision.action == "restart":
-            if not slot.is_worker and not self.root_window.record(now):
+        if slot.is_worker:
+            stopping = self.exit_code is not None
+            self._apply(
+                self.table.worker_exit(
+                    slot, proc.pid, decision, reason=reason, fail_code=fail_code, stopping=stopping
+                ),
+                now,
+            )
+        elif decision.action == "restart":
+            if not self.root_window.record(now):
                 log.error(
                     "event=root_intensity_exceeded child=%s max_restarts=%d within_s=%g",
                     slot.child_id, self.sup.max_restarts, self.sup.within_s,
                 )  # fmt: skip
                 self.shutdown(1, now)
             else:
-                if slot.is_worker:  # the router before the event (observers see it)
-                    self.control.model_changed(slot, "restarting")
                 self.events.publish(
                     "backoff", slot.child_id, delay_s=decision.delay_s, reason=reason
                 )
         elif decision.action == "stopped":
-            if not slot.is_worker:
-                self.events.publish("stop", slot.child_id, proc.pid, reason=decision.reason)
-            elif not sleeping.after_stop(self, slot, proc.pid, now):  # asleep: the slot stays
-                self.remove_model(slot, "unloaded before it was ready")
-                self.events.publish("stop", slot.child_id, proc.pid, reason=decision.reason)
+            self.events.publish("stop", slot.child_id, proc.pid, reason=decision.reason)
         else:
-            if slot.is_worker:
-                for w in slot.load_waiters:
-                    self.control.reply_error(w, fail_code, reason)
-                slot.load_waiters.clear()
-                if slot.from_load and not slot.tracker.ever_ready:
-                    self.remove_model(slot, reason)
-                else:
-                    self.control.model_changed(slot, "failed")
             self.events.publish(
                 "failed", slot.child_id, proc.pid, reason=reason, detail=decision.reason
             )
-            if not slot.is_worker and self.exit_code is None:
+            if self.exit_code is None:
                 log.error("event=core_failed child=%s reason=%s", slot.child_id, reason)
                 self.shutdown(1, now)
         if self.exit_code is not None:
@@ -353,28 +413,17 @@ class Root:
         else:
             self._boot_advance(now)
 
-    def remove_model(self, slot: Slot, why: str) -> None:
-        """Forget a worker slot (unloaded, stopped, or a failed first load)."""
-        self.slots.pop(slot.child_id, None)
-        self.control.model_changed(slot, "unloaded")
-        for w in slot.load_waiters:
-            self.control.reply_error(w, "load_failed", why)
-        for w in slot.unload_waiters:
-            self.control.reply_ok(w, None)
-        slot.load_waiters.clear()
-        slot.unload_waiters.clear()
-
     def _boot_advance(self, now: float) -> None:
         ready = {cid for cid, s in self.slots.items() if s.phase == "ready"}
         if self.exit_code is not None:
             return
         if self.boot == "meta" and "meta" in ready:
             self.boot = "router"
-            self.spawn(self._core_slot("router"), now)
+            self.spawn(self.table.add_core("router"), now)
         elif self.boot == "router" and "router" in ready:
             if self._scheduler_wanted():
                 self.boot = "scheduler"
-                self.spawn(self._core_slot("scheduler"), now)
+                self.spawn(self.table.add_core("scheduler"), now)
             else:
                 self._boot_gateway(now)
         elif self.boot == "scheduler" and "scheduler" in ready:
@@ -394,7 +443,7 @@ class Root:
             self._boot_workers(now)
             return
         self.boot = "gateway"
-        self.spawn(self._core_slot("gateway"), now)
+        self.spawn(self.table.add_core("gateway"), now)
 
     def _scheduler_wanted(self) -> bool:
         """Always, when installed: a disabled scheduler idles (no sampling) and can be
@@ -413,7 +462,7 @@ class Root:
         self.boot = "workers"
         for spec in self.cfg.models:
             try:
-                slot = self.control.add_worker(spec, from_load=False)
+                slot = self.table.add_worker(spec, from_load=False)
             except (ConfigError, OSError) as exc:
                 log.error("event=failed model=%s reason=%s", spec.id, exc)
                 continue
@@ -469,11 +518,7 @@ class Root:
             return
         self.exit_code = code
         self.events.publish("stop", "root", None, code=code)
-        for slot in self.slots.values():
-            for w in slot.load_waiters:
-                self.control.reply_error(w, "shutting_down", "the daemon is stopping")
-            slot.load_waiters.clear()
-            slot.tracker.on_stop_requested()
+        self._apply(self.table.stop_all(), now)
         workers = [cid for cid, s in self.slots.items() if s.is_worker]
         self.stop_groups = [["gateway"], workers, ["scheduler"], ["router"], ["meta"]]
         self.stop_overall = (
