@@ -37,6 +37,12 @@ one worker per configured model; each child counts as started at ``Ready``.
 The ``ready`` event of ``child="root"`` is published once every configured
 model is ready or failed.
 
+Who decides: ``control.ControlChannel`` decodes frames into typed events and sends;
+``table.SlotTable`` (load, unload, model ids, who is answered) and ``sleeping`` decide
+over the slots and return ``effects`` that ``Root._apply`` carries out, in order;
+``boot.BootOrder`` says what starts next; ``stopping.Stopper`` runs the stop stages;
+``rundir.RunDir`` owns the run directory.
+
 Sleep (keep_alive, ``supervisor/sleeping.py``): the router asks, the root stops the
 worker as an unload does but keeps its slot (``sleeping``) and spawns it again on a
 wake.
@@ -69,6 +75,7 @@ from erllama.config import Config, ConfigError, parse_listen, resolve_run_dir
 from erllama.protocol.messages import AdaptersChanged, Hello, Pong, Ready, SleepWorker, StartFailed
 from erllama.protocol.sockets import CLIENT_SOCK, EVENTS_SOCK, ipc_endpoint
 from erllama.supervisor import payloads, rundir, sleeping
+from erllama.supervisor.boot import BootOrder, installed
 from erllama.supervisor.child import ChildProcess, describe_exit
 from erllama.supervisor.control import (
     ChildMessage,
@@ -77,9 +84,10 @@ from erllama.supervisor.control import (
     FromChild,
     FromRouter,
 )
-from erllama.supervisor.effects import Answer, BeginStop, Effect, Publish, Spawn, Tell, Wake
+from erllama.supervisor.effects import Answer, BeginStop, Effect, Publish, Spawn, Tell
 from erllama.supervisor.events import EventPublisher
 from erllama.supervisor.slot import INF, Slot
+from erllama.supervisor.stopping import Stopper, kill_all
 from erllama.supervisor.table import SlotTable
 from erllama.supervisor.tree import ChildState, IntensityWindow
 from erllama.supervisor.wakeup import SignalWakeup
@@ -149,14 +157,15 @@ class Root:
         self.table = SlotTable(self.modules, cfg.cache)
         self.slots = self.table.slots  # read here; written by the table only
         self.control = ControlChannel(self.ctx, run_dir, self.slots)
+        self.stopper = Stopper(self.sup, cfg.cache.evict_save_timeout_s, self.control.stop)
         self.poller = zmq.Poller()
         self.poller.register(self.control.socket, zmq.POLLIN)
         self.root_window = IntensityWindow(self.sup.max_restarts, self.sup.within_s)
-        self.boot = "meta"
-        self.boot_workers: list[str] = []
+        self.boot = BootOrder(
+            scheduler=lambda: installed(self.modules["scheduler"]),
+            gateway=parse_listen(cfg.http.listen) is not None,
+        )
         self.exit_code: int | None = None
-        self.stop_groups: list[list[str]] = []
-        self.stop_overall = INF
         self.wakeup = SignalWakeup()
 
     # ================================================================ loop
@@ -169,7 +178,7 @@ class Root:
                 self._poll_once()
             return self.exit_code if self.exit_code is not None else 1
         except BaseException:
-            self._kill_all()  # clean up, then re-raise (KeyboardInterrupt included)
+            kill_all(self.slots.values())  # clean up, then re-raise (KeyboardInterrupt included)
             raise
         finally:
             if self.wakeup.fd is not None:
@@ -182,7 +191,7 @@ class Root:
     def _finished(self) -> bool:
         return (
             self.exit_code is not None
-            and not self.stop_groups
+            and not self.stopper.groups
             and not any(s.proc is not None for s in self.slots.values())
         )
 
@@ -206,8 +215,8 @@ class Root:
         for slot in list(self.slots.values()):
             if slot.proc is not None:
                 if slot.stop_stage:
-                    if now >= slot.stop_deadline:
-                        self._advance_stop(slot, now)
+                    if now >= slot.stop_deadline and not self.stopper.advance(slot, now):
+                        self.on_exit(slot, reaped=False)  # abandoned
                 elif slot.phase in ("hello", "init_sent") and now >= slot.ready_deadline:
                     self.kill(slot, f"no ready within {self.sup.ready_timeout_s:g}s")
                 elif slot.phase == "ready" and now >= slot.next_ping_at:
@@ -268,7 +277,7 @@ class Root:
         elif isinstance(msg, Pong):
             self.on_pong(slot, msg.active, msg.progress, now)
         else:
-            self.on_shutdown_saving(slot, msg.timeout_s, now)
+            self.stopper.on_saving(slot, msg.timeout_s, now)
 
     def _apply(self, effects: Iterable[Effect], now: float) -> None:
         """Carry out what the table (or ``sleeping``) decided, in order."""
@@ -280,14 +289,15 @@ class Root:
             elif isinstance(e, Publish):
                 self.events.publish(e.word, e.child_id, e.pid, **e.fields)
             elif isinstance(e, BeginStop):
-                self.begin_stop(e.slot, now, self.sup.drain_timeout_s)
-            elif isinstance(e, Spawn):
-                if not self.spawn(e.slot, now):
+                self.stopper.begin(e.slot, now, self.sup.drain_timeout_s)
+            elif isinstance(e, Spawn) and not self.spawn(e.slot, now, waking=e.waking):
+                if e.waking:  # the process could not even be started: a failed start counted
+                    log.error(
+                        "event=wake_failed model=%s reason=%s", e.slot.model_id, e.slot.last_exit
+                    )
+                    self._apply(sleeping.resync(e.slot), now)
+                else:
                     self._apply(self.table.remove(e.slot, e.slot.last_exit or "spawn failed"), now)
-            elif isinstance(e, Wake) and not self.spawn(e.slot, now, waking=True):
-                # the process could not even be started: the tracker counted a failed start
-                log.error("event=wake_failed model=%s reason=%s", e.slot.model_id, e.slot.last_exit)
-                self._apply(sleeping.resync(e.slot), now)
 
     # ================================================================ children
     def spawn(self, slot: Slot, now: float, *, waking: bool = False) -> bool:
@@ -409,108 +419,36 @@ class Root:
                 log.error("event=core_failed child=%s reason=%s", slot.child_id, reason)
                 self.shutdown(1, now)
         if self.exit_code is not None:
-            self._stop_progress(now)
+            self.stopper.progress(self.slots, now)
         else:
             self._boot_advance(now)
 
     def _boot_advance(self, now: float) -> None:
-        ready = {cid for cid, s in self.slots.items() if s.phase == "ready"}
         if self.exit_code is not None:
             return
-        if self.boot == "meta" and "meta" in ready:
-            self.boot = "router"
-            self.spawn(self.table.add_core("router"), now)
-        elif self.boot == "router" and "router" in ready:
-            if self._scheduler_wanted():
-                self.boot = "scheduler"
-                self.spawn(self.table.add_core("scheduler"), now)
-            else:
-                self._boot_gateway(now)
-        elif self.boot == "scheduler" and "scheduler" in ready:
-            self._boot_gateway(now)
-        elif self.boot == "gateway" and "gateway" in ready:
+        stage = self.boot.advance({cid for cid, s in self.slots.items() if s.phase == "ready"})
+        if stage == "workers":
             self._boot_workers(now)
-        if self.boot == "workers" and all(
-            cid not in self.slots or self.slots[cid].tracker.state is not ChildState.STARTING
-            for cid in self.boot_workers
-        ):
-            self.boot = "up"
-            self.events.publish("ready", "root", None, models=len(self.boot_workers))
+        elif stage is not None and stage != "up":
+            self.spawn(self.table.add_core(stage), now)
+        if self.boot.up(self._starting):
+            self.events.publish("ready", "root", None, models=len(self.boot.workers))
 
-    def _boot_gateway(self, now: float) -> None:
-        """The HTTP gateway next (unless ``[http] listen = "off"``), then the workers."""
-        if parse_listen(self.cfg.http.listen) is None:
-            self._boot_workers(now)
-            return
-        self.boot = "gateway"
-        self.spawn(self.table.add_core("gateway"), now)
-
-    def _scheduler_wanted(self) -> bool:
-        """Always, when installed: a disabled scheduler idles (no sampling) and can be
-        enabled at run time; it also answers ``vram_info`` (docs/ARCHITECTURE.md)."""
-        import importlib.util
-
-        try:
-            found = importlib.util.find_spec(self.modules["scheduler"]) is not None
-        except ModuleNotFoundError:
-            found = False
-        if not found:
-            log.warning("scheduler %s is not installed: skipped", self.modules["scheduler"])
-        return found
+    def _starting(self, child_id: str) -> bool:
+        slot = self.slots.get(child_id)
+        return slot is not None and slot.tracker.state is ChildState.STARTING
 
     def _boot_workers(self, now: float) -> None:
-        self.boot = "workers"
         for spec in self.cfg.models:
             try:
                 slot = self.table.add_worker(spec, from_load=False)
             except (ConfigError, OSError) as exc:
                 log.error("event=failed model=%s reason=%s", spec.id, exc)
                 continue
-            self.boot_workers.append(slot.child_id)
+            self.boot.workers.append(slot.child_id)
             self.spawn(slot, now)
 
     # ================================================================ stopping
-    def begin_stop(self, slot: Slot, now: float, drain_s: float) -> None:
-        """Stop by request: Stop(drain), then SIGTERM, then SIGKILL of the group."""
-        slot.tracker.on_stop_requested()
-        if slot.proc is None or slot.stop_stage:
-            return
-        if slot.handshaken and self.control.stop(slot):
-            slot.stop_stage = "drain"
-            slot.stop_deadline = now + drain_s
-        else:
-            slot.proc.send_signal(signal.SIGTERM)
-            slot.stop_stage = "term"
-            slot.stop_deadline = now + self.sup.term_timeout_s
-
-    def _save_allowance_s(self, slot: Slot) -> float:
-        """How long a stopping child may spend on its shutdown save after the drain."""
-        return self.cfg.cache.evict_save_timeout_s if slot.is_worker else 0.0
-
-    def on_shutdown_saving(self, slot: Slot, timeout_s: float, now: float) -> None:
-        """A stopping worker drained and writes its shutdown saves: hold the next stage."""
-        if slot.stop_stage not in ("drain", "term"):
-            return
-        wait_s = min(max(0.0, timeout_s), self._save_allowance_s(slot)) + SAVE_EXIT_GRACE_S
-        slot.stop_deadline = max(slot.stop_deadline, now + wait_s)
-        log.info("event=shutdown_saving child=%s wait_s=%.1f", slot.child_id, wait_s)
-
-    def _advance_stop(self, slot: Slot, now: float) -> None:
-        assert slot.proc is not None
-        if slot.stop_stage == "drain":
-            log.warning("event=stop_timeout child=%s stage=drain: SIGTERM", slot.child_id)
-            slot.proc.send_signal(signal.SIGTERM)
-            slot.stop_stage = "term"
-            slot.stop_deadline = now + self.sup.term_timeout_s
-        elif slot.stop_stage == "term":
-            log.warning("event=stop_timeout child=%s stage=term: SIGKILL group", slot.child_id)
-            slot.proc.kill_group(signal.SIGKILL)
-            slot.stop_stage = "kill"
-            slot.stop_deadline = now + KILL_GRACE_S
-        else:
-            log.error("event=unkillable child=%s pid=%d: abandoned", slot.child_id, slot.proc.pid)
-            self.on_exit(slot, reaped=False)
-
     def shutdown(self, code: int, now: float) -> None:
         """Stop every child in reverse start order, then leave the loop with ``code``."""
         if self.exit_code is not None:
@@ -519,40 +457,4 @@ class Root:
         self.exit_code = code
         self.events.publish("stop", "root", None, code=code)
         self._apply(self.table.stop_all(), now)
-        workers = [cid for cid, s in self.slots.items() if s.is_worker]
-        self.stop_groups = [["gateway"], workers, ["scheduler"], ["router"], ["meta"]]
-        self.stop_overall = (
-            now
-            + self.sup.drain_timeout_s
-            + (self.cfg.cache.evict_save_timeout_s if workers else 0.0)
-            + len(self.stop_groups) * (self.sup.term_timeout_s + KILL_GRACE_S)
-        )
-        self._stop_progress(now)
-
-    def _stop_progress(self, now: float) -> None:
-        while self.stop_groups:
-            group = [self.slots[c] for c in self.stop_groups[0] if c in self.slots]
-            live = [s for s in group if s.proc is not None]
-            if not live:
-                self.stop_groups.pop(0)
-                continue
-            remaining = self.stop_overall - now - (len(self.stop_groups) - 1) * KILL_GRACE_S
-            save_s = max(self._save_allowance_s(s) for s in live)
-            drain_s = max(
-                MIN_DRAIN_S,
-                min(self.sup.drain_timeout_s, remaining - self.sup.term_timeout_s - save_s),
-            )
-            for s in live:
-                self.begin_stop(s, now, drain_s)
-            return
-
-    def _kill_all(self) -> None:
-        for slot in self.slots.values():
-            if slot.proc is not None:
-                slot.proc.kill_group(signal.SIGKILL)
-                slot.proc.wait(KILL_GRACE_S)
-
-
-KILL_GRACE_S = 2.0
-MIN_DRAIN_S = 0.5
-SAVE_EXIT_GRACE_S = 2.0  # after its save deadline a worker closes its sockets and exits
+        self.stopper.plan(self.slots, now)

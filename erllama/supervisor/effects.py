@@ -5,10 +5,10 @@
 root touches sockets and processes. No sockets, no I/O here.
 
 * ``Answer(waiter, ...)``: reply to a tree op (``code`` empty: ok, with ``result``).
-* ``Spawn(slot)``: start a worker a ``LoadModel`` added; if the process cannot even
-  be started, the model is forgotten again (``SlotTable.remove``).
-* ``Wake(slot)``: start a sleeping worker again; if it cannot be started, the
-  router is told the model's state (``sleeping.resync``).
+* ``Spawn(slot, waking)``: start a worker a ``LoadModel`` added; if the process
+  cannot even be started, the model is forgotten again (``SlotTable.remove``). With
+  ``waking``: a sleeping worker woken; if it cannot be started, the router is told
+  the model's state (``sleeping.resync``).
 * ``BeginStop(slot)``: stop a worker by request (``Stop(drain)``, SIGTERM, SIGKILL).
 * ``Publish(word, child_id, pid, fields)``: a lifecycle event (``events.py``).
 * ``Tell(slot, state)``: ``ModelStateChanged`` to the router.
@@ -33,11 +33,7 @@ class Answer:
 @dataclass(frozen=True, slots=True)
 class Spawn:
     slot: Slot
-
-
-@dataclass(frozen=True, slots=True)
-class Wake:
-    slot: Slot
+    waking: bool = False  # a sleeping worker's wake ("loading", not "restarting")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,4 +55,4 @@ class Tell:
     state: str
 
 
-Effect = Answer | Spawn | Wake | BeginStop | Publish | Tell
+Effect = Answer | Spawn | BeginStop | Publish | Tell

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 
-from erllama.supervisor.effects import BeginStop, Effect, Publish, Tell, Wake
+from erllama.supervisor.effects import BeginStop, Effect, Publish, Spawn, Tell
 from erllama.supervisor.slot import Slot
 from erllama.supervisor.tree import ChildState
 
@@ -85,4 +85,4 @@ def _wake(slot: Slot) -> list[Effect]:
     slot.sleep_reason = None
     slot.wake_requested = False
     slot.tracker.on_wake()
-    return [Publish("wake", slot.child_id, None), Wake(slot)]
+    return [Publish("wake", slot.child_id, None), Spawn(slot, waking=True)]

@@ -7,7 +7,7 @@ import pytest
 from erllama.config import RestartPolicy
 from erllama.supervisor import sleeping
 from erllama.supervisor.child import ChildProcess
-from erllama.supervisor.effects import BeginStop, Publish, Tell, Wake
+from erllama.supervisor.effects import BeginStop, Publish, Spawn, Tell
 from erllama.supervisor.slot import Slot
 from erllama.supervisor.tree import ChildSpec, RestartTracker
 
@@ -49,7 +49,7 @@ def test_wake_while_stopping_to_sleep_is_done_at_the_exit() -> None:
     assert sleeping.after_stop(slot, 7, stopping=False) == [
         Publish("sleep", "worker.m", 7, {"reason": "pressure"}),
         Publish("wake", "worker.m", None),
-        Wake(slot),
+        Spawn(slot, waking=True),
     ]
     assert slot.sleep_reason is None and not slot.wake_requested
 
@@ -65,7 +65,7 @@ def test_wake_of_a_sleeping_worker_and_an_unload_that_wins() -> None:
     assert sleeping.wake_worker(slot, stopping=True) == []
     assert sleeping.wake_worker(slot, stopping=False) == [
         Publish("wake", "worker.m", None),
-        Wake(slot),
+        Spawn(slot, waking=True),
     ]
     other = ready_worker()
     other.sleep_reason = "keep_alive"
