@@ -16,20 +16,28 @@ The socket is a ROUTER with ``ROUTER_MANDATORY``: a send to a child that is
 gone raises ``EHOSTUNREACH``, which is caught and logged (the child's death
 reaches the loop through its sentinel anyway). Bad input is answered (tree
 ops) or dropped (child messages), never fatal.
+
+``ControlChannel`` is only the channel: it decodes frames into typed events
+(``FromChild``, ``FromRouter``, ``TreeOp``), dropping what the sender may not send
+now (an unknown or dead child, a Hello or Ready out of phase), and hands each to
+the root's handler; it sends what the root tells it to. It decides nothing about
+the tree (``table.py``, ``sleeping.py``) and reads the slot table only to address
+and gate messages. Binds ``control.sock``.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import msgspec
 import zmq
 
-from erllama.config import ConfigError, ModelSpec, convert_model_spec, validate_model_spec
 from erllama.protocol.codec import PROTOCOL_ID, Decoder, encode, error_reply, peek_request_id, reply
-from erllama.protocol.errors import ErrorCode, ProtocolError
+from erllama.protocol.errors import ProtocolError
 from erllama.protocol.messages import (
     AdaptersChanged,
     ControlMessage,
@@ -51,229 +59,133 @@ from erllama.protocol.messages import (
     WorkerExited,
 )
 from erllama.protocol.sockets import CONTROL_SOCK, ipc_endpoint, make_socket
-from erllama.supervisor import payloads, sleeping
-from erllama.supervisor.slot import Slot, Waiter
-from erllama.supervisor.tree import ChildSpec, ChildState, RestartTracker
-
-if TYPE_CHECKING:
-    from erllama.supervisor.daemon import Root
+from erllama.supervisor.payloads import slot_view
+from erllama.supervisor.slot import Slot, Waiter, worker_id
 
 log = logging.getLogger(__name__)
 
 CONTROL_BATCH = 256
-MAX_MODEL_ID_LEN = 200
 ROUTER_ID = b"router"
 
-
-def _check_model_id(model_id: str) -> None:
-    if not model_id or len(model_id) > MAX_MODEL_ID_LEN:
-        raise ConfigError(f"model id must be 1..{MAX_MODEL_ID_LEN} characters")
-    if not model_id.isprintable() or any(c.isspace() for c in model_id):
-        raise ConfigError("model id must be printable with no whitespace")
+ChildMessage = Hello | Ready | StartFailed | Pong | ShutdownSaving | AdaptersChanged
 
 
-class ControlServer:
-    def __init__(self, root: Root) -> None:
-        self.root = root
-        self.socket = make_socket(
-            root.ctx, zmq.ROUTER, bind=ipc_endpoint(root.run_dir, CONTROL_SOCK)
-        )
+@dataclass(frozen=True, slots=True)
+class FromChild:
+    """A message from a live child (AdaptersChanged: from a worker, live or not)."""
+
+    slot: Slot
+    msg: ChildMessage
+
+
+@dataclass(frozen=True, slots=True)
+class FromRouter:
+    """The router asks to put a worker to sleep or wake it (keep_alive)."""
+
+    target: Slot
+    msg: SleepWorker | WakeWorker
+
+
+@dataclass(frozen=True, slots=True)
+class TreeOp:
+    """A client's ``LoadModel`` / ``Unload`` the router forwarded (answer to ``waiter``)."""
+
+    waiter: Waiter
+    msg: LoadModel | Unload
+
+
+ControlEvent = FromChild | FromRouter | TreeOp
+
+
+class ControlChannel:
+    """The root's ROUTER on ``control.sock``.
+
+    Args:
+        ctx: the root's zmq context.
+        run_dir: where ``control.sock`` is bound.
+        slots: the root's slot table by child id (read only: who is there, in what phase).
+    """
+
+    def __init__(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], run_dir: Path, slots: Mapping[str, Slot]
+    ) -> None:
+        self.socket = make_socket(ctx, zmq.ROUTER, bind=ipc_endpoint(run_dir, CONTROL_SOCK))
+        self._slots = slots
         self._decoder: Decoder[ControlMessage] = Decoder(ControlMessage)
         self._tree_decoder: Decoder[LoadModel | Unload] = Decoder(LoadModel | Unload)
-        self._next_model_n = 1
 
     def close(self) -> None:
         self.socket.close(linger=0)
 
     # ================================================================ receive
-    def drain(self) -> None:
-        """Handle what is queued on the socket (bounded, so sentinels are not starved)."""
+    def drain(self, handle: Callable[[ControlEvent], None]) -> None:
+        """Decode what is queued and hand each event to ``handle`` (bounded, so
+        sentinels are not starved; a failing event is logged and dropped)."""
         for _ in range(CONTROL_BATCH):
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
-                self._on_frames(frames)
+                event = self._decode(frames)
+                if event is not None:
+                    handle(event)
             except Exception:
                 log.exception("control message handling failed (dropped)")
 
-    def _on_frames(self, frames: list[bytes]) -> None:
+    def _decode(self, frames: list[bytes]) -> ControlEvent | None:
         if len(frames) == 4 and frames[2] == PROTOCOL_ID:
             if frames[0] != ROUTER_ID:
                 log.warning("tree op from %r (not the router) dropped", frames[0][:32])
-                return
-            self._on_tree_op((frames[0], frames[1], ""), frames[3])
-            return
+                return None
+            return self._decode_tree_op(frames[0], frames[1], frames[3])
         if len(frames) < 3:
             log.warning("control frames of length %d dropped", len(frames))
-            return
+            return None
         child_id = frames[0].decode("utf-8", "replace")
         try:
             msg = self._decoder.decode(frames[1:])
         except ProtocolError as exc:
             log.warning("bad control message from %s dropped: %s", child_id, exc)
-            return
-        slot = self.root.slots.get(child_id)
+            return None
+        slot = self._slots.get(child_id)
         if isinstance(msg, AdaptersChanged) and slot is not None and slot.is_worker:
-            # kept even when the worker is already gone: it was sent before it died
-            slot.adapters = msg
-            log.info(
-                "event=adapters_recorded model=%s handles=%s",
-                slot.model_id,
-                ",".join(a.handle for a in msg.adapters) or "-",
-            )
-            return
+            return FromChild(slot, msg)  # kept even when the worker is already gone
         if slot is None or slot.proc is None:
             log.warning("%s from unknown or dead child %s dropped", type(msg).__name__, child_id)
-            return
-        now = time.monotonic()
+            return None
         if isinstance(msg, Hello):
             if slot.phase != "hello" or msg.pid != slot.proc.pid:
                 log.warning("unexpected hello from %s pid=%d dropped", child_id, msg.pid)
-                return
-            init = Init(config=self._init_payload(slot), incarnation=slot.tracker.incarnation)
-            if self.send(child_id, init):
-                slot.phase = "init_sent"
-        elif isinstance(msg, Ready):
+                return None
+            return FromChild(slot, msg)
+        if isinstance(msg, Ready):
             if slot.phase != "init_sent":
                 log.warning("unexpected ready from %s dropped", child_id)
-                return
-            if slot.is_worker:
-                slot.info = payloads.parse_ready_info(msg.info) or slot.info
-            elif slot.spec.role == "gateway":
-                slot.listen = str(msg.info.get("listen") or "")
-            self.root.on_ready(slot, now)
-        elif isinstance(msg, StartFailed):
-            log.warning(
-                "event=start_failed child=%s code=%s message=%s", child_id, msg.code, msg.message
-            )
-            slot.start_failed = (msg.code, msg.message)
-        elif isinstance(msg, Pong):
-            if slot.phase == "ready":
-                self.root.on_pong(slot, msg.active, msg.progress, now)
-        elif isinstance(msg, ShutdownSaving):
-            if slot.is_worker:
-                self.root.on_shutdown_saving(slot, msg.timeout_s, now)
-        elif isinstance(msg, SleepWorker | WakeWorker) and slot.spec.role == "router":
-            target = self.root.slots.get(f"worker.{msg.model}")
+                return None
+            return FromChild(slot, msg)
+        if isinstance(msg, StartFailed):
+            return FromChild(slot, msg)
+        if isinstance(msg, Pong):
+            return FromChild(slot, msg) if slot.phase == "ready" else None
+        if isinstance(msg, ShutdownSaving):
+            return FromChild(slot, msg) if slot.is_worker else None
+        if isinstance(msg, SleepWorker | WakeWorker) and slot.spec.role == "router":
+            target = self._slots.get(worker_id(msg.model))
             if target is None or not target.is_worker:
                 log.info("%s for unknown model %r dropped", type(msg).__name__, msg.model)
-            elif isinstance(msg, SleepWorker):
-                sleeping.sleep_worker(self.root, target, msg.reason, now)
-            else:
-                sleeping.wake_worker(self.root, target, now)
-        else:
-            log.warning("unexpected %s from %s dropped", type(msg).__name__, child_id)
+                return None
+            return FromRouter(target, msg)
+        log.warning("unexpected %s from %s dropped", type(msg).__name__, child_id)
+        return None
 
-    def _init_payload(self, slot: Slot) -> dict[str, Any]:
-        cfg, root = self.root.cfg, self.root
-        role = slot.spec.role
-        if role == "meta":
-            return payloads.meta_init(cfg, root.daemon_id)
-        if role == "router":
-            models = [self.view(s) for s in root.slots.values() if s.is_worker]
-            return payloads.router_init(cfg, models, root.endpoint)
-        if role == "scheduler":
-            return payloads.scheduler_init(cfg, root.daemon_id, root.endpoint)
-        if role == "gateway":
-            return payloads.gateway_init(cfg, root.run_dir)
-        assert slot.model is not None and slot.model_id is not None
-        return payloads.worker_init(cfg, slot.model_id, slot.model, root.daemon_id, slot.adapters)
-
-    # ================================================================ tree ops
-    def _on_tree_op(self, waiter: Waiter, body: bytes) -> None:
+    def _decode_tree_op(self, router_id: bytes, client_id: bytes, body: bytes) -> TreeOp | None:
         try:
             msg = self._tree_decoder.decode_body(body)
         except ProtocolError as exc:
-            w = (waiter[0], waiter[1], peek_request_id(body))
-            self.reply_error(w, exc.code, exc.message)
-            return
-        waiter = (waiter[0], waiter[1], msg.request_id)
-        if self.root.exit_code is not None:
-            self.reply_error(waiter, ErrorCode.SHUTTING_DOWN, "the daemon is stopping")
-        elif isinstance(msg, LoadModel):
-            self._load_model(waiter, msg)
-        else:
-            self._unload(waiter, msg)
-
-    def _load_model(self, waiter: Waiter, msg: LoadModel) -> None:
-        try:
-            spec = convert_model_spec(msg.config)
-            if msg.model_id is not None:
-                spec = msgspec.structs.replace(spec, id=msg.model_id)
-            validate_model_spec(spec, self.root.cfg.cache)
-            if spec.id is not None:
-                _check_model_id(spec.id)
-        except ConfigError as exc:
-            self.reply_error(waiter, ErrorCode.BAD_REQUEST, str(exc))
-            return
-        if spec.id is not None:
-            old = self.root.slots.get(f"worker.{spec.id}")
-            if old is not None:
-                if old.tracker.state is ChildState.STOPPING:
-                    self.reply_error(waiter, ErrorCode.BUSY, f"model {spec.id!r} is being unloaded")
-                    return
-                if old.tracker.state is not ChildState.FAILED:
-                    self.reply_error(
-                        waiter, ErrorCode.ALREADY_LOADED, f"model {spec.id!r} is loaded"
-                    )
-                    return
-                self.root.slots.pop(old.child_id)  # a failed model may be loaded again
-        try:
-            slot = self.add_worker(spec, from_load=True)
-        except OSError as exc:
-            self.reply_error(waiter, ErrorCode.LOAD_FAILED, str(exc))
-            return
-        slot.load_waiters.append(waiter)
-        if not self.root.spawn(slot, time.monotonic()):
-            self.root.remove_model(slot, slot.last_exit or "spawn failed")
-
-    def add_worker(self, spec: ModelSpec, *, from_load: bool) -> Slot:
-        """A new worker slot (not spawned yet) for ``spec``; fills the id and the model path.
-
-        Raises:
-            OSError: the bundled model cannot be resolved.
-        """
-        model_id = spec.id or self._new_model_id()
-        spec = payloads.resolve_model_path(msgspec.structs.replace(spec, id=model_id))
-        child = ChildSpec(
-            f"worker.{model_id}",
-            "worker",
-            self.root.modules["worker"],
-            spec.restart.restart,
-            spec.restart,
-        )
-        slot = Slot(
-            spec=child,
-            tracker=RestartTracker(child, fail_first_start=True),
-            model_id=model_id,
-            model=spec,
-            from_load=from_load,
-        )
-        self.root.slots[child.child_id] = slot
-        return slot
-
-    def _new_model_id(self) -> str:
-        while True:
-            model_id = f"erllama_model_{self._next_model_n}"
-            self._next_model_n += 1
-            if f"worker.{model_id}" not in self.root.slots:
-                return model_id
-
-    def _unload(self, waiter: Waiter, msg: Unload) -> None:
-        slot = self.root.slots.get(f"worker.{msg.model}")
-        if slot is None:
-            self.reply_error(waiter, ErrorCode.NOT_FOUND, f"model {msg.model!r} is not loaded")
-            return
-        if slot.proc is None:  # failed, or waiting out a backoff
-            slot.tracker.on_stop_requested()
-            slot.unload_waiters.append(waiter)
-            self.root.events.publish("stop", slot.child_id, None, reason="unloaded")
-            self.root.remove_model(slot, "unloaded")
-            return
-        slot.unload_waiters.append(waiter)
-        self.root.begin_stop(slot, time.monotonic(), self.root.sup.drain_timeout_s)
+            self.reply((router_id, client_id, peek_request_id(body)), exc.code, exc.message)
+            return None
+        return TreeOp((router_id, client_id, msg.request_id), msg)
 
     # ================================================================ send
     def send(self, child_id: str, msg: Msg) -> bool:
@@ -285,32 +197,23 @@ class ControlServer:
             return False
         return True
 
+    def init(self, slot: Slot, config: dict[str, Any]) -> bool:
+        return self.send(slot.child_id, Init(config=config, incarnation=slot.tracker.incarnation))
+
     def ping(self, slot: Slot) -> None:
         self.send(slot.child_id, Ping(seq=slot.ping_seq))
 
     def stop(self, slot: Slot) -> bool:
         return self.send(slot.child_id, Stop(drain=True))
 
-    def view(self, slot: Slot) -> Any:
-        assert slot.model is not None and slot.model_id is not None
-        return payloads.model_view(
-            slot.model_id,
-            slot.model,
-            slot.model_state(),
-            last=slot.info,
-            pid=slot.proc.pid if slot.proc is not None else None,
-            restarts=slot.tracker.restarts,
-            last_exit=slot.last_exit,
-        )
-
     def _to_router(self, msg: Msg) -> None:
-        router = self.root.slots.get("router")
+        router = self._slots.get("router")
         if router is not None and router.handshaken:
             self.send("router", msg)
 
     def model_changed(self, slot: Slot, state: Any) -> None:
         assert slot.model_id is not None
-        info = self.view(slot)
+        info = slot_view(slot)
         if state == "unloaded":
             info = msgspec.structs.replace(info, state="unloaded", status="unloaded", pid=None)
         self._to_router(
@@ -328,18 +231,14 @@ class ControlServer:
         self._to_router(WorkerExited(model=slot.model_id, reason=reason))
 
     def holders_died(self, holders: list[str]) -> None:
-        meta = self.root.slots.get("meta")
+        meta = self._slots.get("meta")
         if meta is not None and meta.handshaken:
             self.send("meta", HoldersDied(holders=holders))
 
-    def reply_ok(self, waiter: Waiter, result: Any) -> None:
-        self._reply(waiter, reply(waiter[2], result))
-
-    def reply_error(self, waiter: Waiter, code: str, message: str) -> None:
-        self._reply(waiter, error_reply(waiter[2], code, message))
-
-    def _reply(self, waiter: Waiter, msg: Msg) -> None:
-        router_id, client_id, _ = waiter
+    def reply(self, waiter: Waiter, code: str = "", message: str = "", result: Any = None) -> None:
+        """Answer a tree op: ``code`` empty is ok with ``result``, else the error."""
+        router_id, client_id, request_id = waiter
+        msg = error_reply(request_id, code, message) if code else reply(request_id, result)
         try:
             self.socket.send_multipart([router_id, client_id, *encode(msg)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:

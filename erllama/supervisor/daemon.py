@@ -37,6 +37,12 @@ one worker per configured model; each child counts as started at ``Ready``.
 The ``ready`` event of ``child="root"`` is published once every configured
 model is ready or failed.
 
+Who decides: ``control.ControlChannel`` decodes frames into typed events and sends;
+``table.SlotTable`` (load, unload, model ids, who is answered) and ``sleeping`` decide
+over the slots and return ``effects`` that ``Root._apply`` carries out, in order;
+``boot.BootOrder`` says what starts next; ``stopping.Stopper`` runs the stop stages;
+``rundir.RunDir`` owns the run directory.
+
 Sleep (keep_alive, ``supervisor/sleeping.py``): the router asks, the root stops the
 worker as an unload does but keeps its slot (``sleeping``) and spawns it again on a
 wake.
@@ -60,18 +66,30 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import zmq
 
-from erllama.config import Config, ConfigError, RestartPolicy, parse_listen, resolve_run_dir
-from erllama.protocol.sockets import CLIENT_SOCK, EVENTS_SOCK, ensure_private_dir, ipc_endpoint
-from erllama.supervisor import rundir, sleeping
+from erllama.config import Config, ConfigError, parse_listen, resolve_run_dir
+from erllama.protocol.messages import AdaptersChanged, Hello, Pong, Ready, SleepWorker, StartFailed
+from erllama.protocol.sockets import CLIENT_SOCK, EVENTS_SOCK, ipc_endpoint
+from erllama.supervisor import payloads, rundir, sleeping
+from erllama.supervisor.boot import BootOrder, installed
 from erllama.supervisor.child import ChildProcess, describe_exit
-from erllama.supervisor.control import ControlServer
+from erllama.supervisor.control import (
+    ChildMessage,
+    ControlChannel,
+    ControlEvent,
+    FromChild,
+    FromRouter,
+)
+from erllama.supervisor.effects import Answer, BeginStop, Effect, Publish, Spawn, Tell
 from erllama.supervisor.events import EventPublisher
 from erllama.supervisor.slot import INF, Slot
-from erllama.supervisor.tree import ChildSpec, ChildState, IntensityWindow, RestartTracker
+from erllama.supervisor.stopping import Stopper, kill_all
+from erllama.supervisor.table import SlotTable
+from erllama.supervisor.tree import ChildState, IntensityWindow
 from erllama.supervisor.wakeup import SignalWakeup
 
 log = logging.getLogger(__name__)
@@ -83,15 +101,6 @@ MODULES: dict[str, str] = {
     "gateway": "erllama.gateway.process",
     "worker": "erllama.workers.worker",
 }
-# Core children restart fast; the root's own intensity (SupervisorConfig) is their limit.
-CORE_POLICY = RestartPolicy(
-    restart="permanent",
-    max_restarts=1_000_000,
-    within_s=1.0,
-    backoff_initial_s=0.25,
-    backoff_max_s=5.0,
-    startsecs=1.0,
-)
 
 
 def serve(config: Config, *, modules: dict[str, str] | None = None) -> int:
@@ -106,47 +115,23 @@ def serve(config: Config, *, modules: dict[str, str] | None = None) -> int:
         directory is held by another live daemon or is not usable.
     """
     run_dir = resolve_run_dir(config).absolute()
-    lock = rundir.RunDirLock(run_dir)
+    endpoint = config.daemon.endpoint or ipc_endpoint(run_dir, CLIENT_SOCK)
+    owned = rundir.RunDir(
+        run_dir, endpoint, ram_tier=any(t.name == "ram" for t in config.cache.tiers)
+    )
     try:
-        ensure_private_dir(run_dir)
-        lock.acquire()
+        owned.claim()
     except rundir.RunDirBusyError as exc:
         log.error("event=already_running run_dir=%s %s", run_dir, exc)
         return 2
     except OSError as exc:
         log.error("event=bad_run_dir run_dir=%s %s", run_dir, exc)
         return 2
-    daemon_id = rundir.daemon_id_for(run_dir)
-    endpoint = config.daemon.endpoint or ipc_endpoint(run_dir, CLIENT_SOCK)
-    extra_files = _endpoint_files(run_dir, endpoint)
-    ram_dir = (
-        rundir.ram_tier_dir(daemon_id) if any(t.name == "ram" for t in config.cache.tiers) else None
-    )
     try:
-        stale = rundir.remove_socket_files(run_dir)
-        _remove_paths(extra_files)
-        if stale:
-            log.warning("removed stale socket files of a dead daemon: %s", ", ".join(stale))
-        if ram_dir is not None:
-            rundir.reset_ram_dir(ram_dir)
-        root = Root(config, run_dir, daemon_id, endpoint, modules=modules)
-        return root.run()
+        owned.prepare()
+        return Root(config, run_dir, owned.daemon_id, endpoint, modules=modules).run()
     finally:
-        rundir.remove_socket_files(run_dir)
-        _remove_paths(extra_files)
-        if ram_dir is not None:
-            rundir.remove_ram_dir(ram_dir)
-        lock.release()
-
-
-def _endpoint_files(run_dir: Path, endpoint: str) -> list[Path]:
-    p = rundir.ipc_path(endpoint)
-    return [p] if p is not None and p.parent != run_dir else []
-
-
-def _remove_paths(paths: list[Path]) -> None:
-    for p in paths:
-        p.unlink(missing_ok=True)
+        owned.release()
 
 
 class Root:
@@ -169,16 +154,18 @@ class Root:
         self.modules = {**MODULES, **(modules or {})}
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.events = EventPublisher(self.ctx, ipc_endpoint(run_dir, EVENTS_SOCK))
-        self.slots: dict[str, Slot] = {}
-        self.control = ControlServer(self)
+        self.table = SlotTable(self.modules, cfg.cache)
+        self.slots = self.table.slots  # read here; written by the table only
+        self.control = ControlChannel(self.ctx, run_dir, self.slots)
+        self.stopper = Stopper(self.sup, cfg.cache.evict_save_timeout_s, self.control.stop)
         self.poller = zmq.Poller()
         self.poller.register(self.control.socket, zmq.POLLIN)
         self.root_window = IntensityWindow(self.sup.max_restarts, self.sup.within_s)
-        self.boot = "meta"
-        self.boot_workers: list[str] = []
+        self.boot = BootOrder(
+            scheduler=lambda: installed(self.modules["scheduler"]),
+            gateway=parse_listen(cfg.http.listen) is not None,
+        )
         self.exit_code: int | None = None
-        self.stop_groups: list[list[str]] = []
-        self.stop_overall = INF
         self.wakeup = SignalWakeup()
 
     # ================================================================ loop
@@ -186,12 +173,12 @@ class Root:
         if self.wakeup.install():
             self.poller.register(self.wakeup.fd, zmq.POLLIN)
         try:
-            self.spawn(self._core_slot("meta"), time.monotonic())
+            self.spawn(self.table.add_core("meta"), time.monotonic())
             while not self._finished():
                 self._poll_once()
             return self.exit_code if self.exit_code is not None else 1
         except BaseException:
-            self._kill_all()  # clean up, then re-raise (KeyboardInterrupt included)
+            kill_all(self.slots.values())  # clean up, then re-raise (KeyboardInterrupt included)
             raise
         finally:
             if self.wakeup.fd is not None:
@@ -204,7 +191,7 @@ class Root:
     def _finished(self) -> bool:
         return (
             self.exit_code is not None
-            and not self.stop_groups
+            and not self.stopper.groups
             and not any(s.proc is not None for s in self.slots.values())
         )
 
@@ -218,7 +205,7 @@ class Root:
                 log.info("event=signal signal=%s", signal.Signals(sig).name)
                 self.shutdown(0, time.monotonic())
         if self.control.socket in ready:
-            self.control.drain()
+            self.control.drain(self._on_control)
         for slot in list(self.slots.values()):
             if slot.proc is not None and slot.proc.sentinel in ready:
                 self.on_exit(slot)
@@ -228,8 +215,8 @@ class Root:
         for slot in list(self.slots.values()):
             if slot.proc is not None:
                 if slot.stop_stage:
-                    if now >= slot.stop_deadline:
-                        self._advance_stop(slot, now)
+                    if now >= slot.stop_deadline and not self.stopper.advance(slot, now):
+                        self.on_exit(slot, reaped=False)  # abandoned
                 elif slot.phase in ("hello", "init_sent") and now >= slot.ready_deadline:
                     self.kill(slot, f"no ready within {self.sup.ready_timeout_s:g}s")
                 elif slot.phase == "ready" and now >= slot.next_ping_at:
@@ -238,13 +225,81 @@ class Root:
                 self.events.publish("restart", slot.child_id, restarts=slot.tracker.restarts)
                 self.spawn(slot, now)
 
-    # ================================================================ children
-    def _core_slot(self, role: str) -> Slot:
-        spec = ChildSpec(role, role, self.modules[role], "permanent", CORE_POLICY)  # type: ignore[arg-type]
-        slot = Slot(spec=spec, tracker=RestartTracker(spec, fail_first_start=True))
-        self.slots[role] = slot
-        return slot
+    # ================================================================ control
+    def _on_control(self, event: ControlEvent) -> None:
+        now = time.monotonic()
+        stopping = self.exit_code is not None
+        if isinstance(event, FromChild):
+            self._on_child(event.slot, event.msg, now)
+        elif isinstance(event, FromRouter):
+            if isinstance(event.msg, SleepWorker):
+                self._apply(
+                    sleeping.sleep_worker(event.target, event.msg.reason, stopping=stopping), now
+                )
+            else:
+                self._apply(sleeping.wake_worker(event.target, stopping=stopping), now)
+        else:
+            self._apply(self.table.tree_op(event.waiter, event.msg, stopping=stopping), now)
 
+    def _on_child(self, slot: Slot, msg: ChildMessage, now: float) -> None:
+        if isinstance(msg, AdaptersChanged):  # kept for the next incarnation's Init
+            slot.adapters = msg
+            log.info(
+                "event=adapters_recorded model=%s handles=%s",
+                slot.model_id,
+                ",".join(a.handle for a in msg.adapters) or "-",
+            )
+        elif isinstance(msg, Hello):
+            config = payloads.init_payload(
+                slot,
+                self.cfg,
+                daemon_id=self.daemon_id,
+                endpoint=self.endpoint,
+                run_dir=self.run_dir,
+                slots=self.slots.values(),
+            )
+            if self.control.init(slot, config):
+                slot.phase = "init_sent"
+        elif isinstance(msg, Ready):
+            if slot.is_worker:
+                slot.info = payloads.parse_ready_info(msg.info) or slot.info
+            elif slot.spec.role == "gateway":
+                slot.listen = str(msg.info.get("listen") or "")
+            self.on_ready(slot, now)
+        elif isinstance(msg, StartFailed):
+            log.warning(
+                "event=start_failed child=%s code=%s message=%s",
+                slot.child_id,
+                msg.code,
+                msg.message,
+            )
+            slot.start_failed = (msg.code, msg.message)
+        elif isinstance(msg, Pong):
+            self.on_pong(slot, msg.active, msg.progress, now)
+        else:
+            self.stopper.on_saving(slot, msg.timeout_s, now)
+
+    def _apply(self, effects: Iterable[Effect], now: float) -> None:
+        """Carry out what the table (or ``sleeping``) decided, in order."""
+        for e in effects:
+            if isinstance(e, Answer):
+                self.control.reply(e.waiter, e.code, e.message, e.result)
+            elif isinstance(e, Tell):
+                self.control.model_changed(e.slot, e.state)
+            elif isinstance(e, Publish):
+                self.events.publish(e.word, e.child_id, e.pid, **e.fields)
+            elif isinstance(e, BeginStop):
+                self.stopper.begin(e.slot, now, self.sup.drain_timeout_s)
+            elif isinstance(e, Spawn) and not self.spawn(e.slot, now, waking=e.waking):
+                if e.waking:  # the process could not even be started: a failed start counted
+                    log.error(
+                        "event=wake_failed model=%s reason=%s", e.slot.model_id, e.slot.last_exit
+                    )
+                    self._apply(sleeping.resync(e.slot), now)
+                else:
+                    self._apply(self.table.remove(e.slot, e.slot.last_exit or "spawn failed"), now)
+
+    # ================================================================ children
     def spawn(self, slot: Slot, now: float, *, waking: bool = False) -> bool:
         proc = ChildProcess(slot.spec, str(self.run_dir))
         try:
@@ -295,10 +350,7 @@ class Root:
         slot.next_ping_at = now + self.sup.heartbeat_interval_s
         assert slot.proc is not None
         if slot.is_worker:  # the router first: an observer of the event sees it ready
-            self.control.model_changed(slot, "ready")
-            for w in slot.load_waiters:
-                self.control.reply_ok(w, slot.model_id)
-            slot.load_waiters.clear()
+            self._apply(self.table.worker_ready(slot), now)
         extra = {"listen": slot.listen} if slot.spec.role == "gateway" else {}
         self.events.publish(
             "ready", slot.child_id, slot.proc.pid, incarnation=slot.tracker.incarnation, **extra
@@ -338,154 +390,65 @@ class Root:
             self.control.holders_died([f"{slot.child_id}:{proc.pid}"])
         self.events.publish("exit", slot.child_id, proc.pid, code=code, reason=reason)
         decision = slot.tracker.on_exit(now, abnormal=abnormal)
-        if decision.action == "restart":
-            if not slot.is_worker and not self.root_window.record(now):
+        if slot.is_worker:
+            stopping = self.exit_code is not None
+            self._apply(
+                self.table.worker_exit(
+                    slot, proc.pid, decision, reason=reason, fail_code=fail_code, stopping=stopping
+                ),
+                now,
+            )
+        elif decision.action == "restart":
+            if not self.root_window.record(now):
                 log.error(
                     "event=root_intensity_exceeded child=%s max_restarts=%d within_s=%g",
                     slot.child_id, self.sup.max_restarts, self.sup.within_s,
                 )  # fmt: skip
                 self.shutdown(1, now)
             else:
-                if slot.is_worker:  # the router before the event (observers see it)
-                    self.control.model_changed(slot, "restarting")
                 self.events.publish(
                     "backoff", slot.child_id, delay_s=decision.delay_s, reason=reason
                 )
         elif decision.action == "stopped":
-            if not slot.is_worker:
-                self.events.publish("stop", slot.child_id, proc.pid, reason=decision.reason)
-            elif not sleeping.after_stop(self, slot, proc.pid, now):  # asleep: the slot stays
-                self.remove_model(slot, "unloaded before it was ready")
-                self.events.publish("stop", slot.child_id, proc.pid, reason=decision.reason)
+            self.events.publish("stop", slot.child_id, proc.pid, reason=decision.reason)
         else:
-            if slot.is_worker:
-                for w in slot.load_waiters:
-                    self.control.reply_error(w, fail_code, reason)
-                slot.load_waiters.clear()
-                if slot.from_load and not slot.tracker.ever_ready:
-                    self.remove_model(slot, reason)
-                else:
-                    self.control.model_changed(slot, "failed")
             self.events.publish(
                 "failed", slot.child_id, proc.pid, reason=reason, detail=decision.reason
             )
-            if not slot.is_worker and self.exit_code is None:
+            if self.exit_code is None:
                 log.error("event=core_failed child=%s reason=%s", slot.child_id, reason)
                 self.shutdown(1, now)
         if self.exit_code is not None:
-            self._stop_progress(now)
+            self.stopper.progress(self.slots, now)
         else:
             self._boot_advance(now)
 
-    def remove_model(self, slot: Slot, why: str) -> None:
-        """Forget a worker slot (unloaded, stopped, or a failed first load)."""
-        self.slots.pop(slot.child_id, None)
-        self.control.model_changed(slot, "unloaded")
-        for w in slot.load_waiters:
-            self.control.reply_error(w, "load_failed", why)
-        for w in slot.unload_waiters:
-            self.control.reply_ok(w, None)
-        slot.load_waiters.clear()
-        slot.unload_waiters.clear()
-
     def _boot_advance(self, now: float) -> None:
-        ready = {cid for cid, s in self.slots.items() if s.phase == "ready"}
         if self.exit_code is not None:
             return
-        if self.boot == "meta" and "meta" in ready:
-            self.boot = "router"
-            self.spawn(self._core_slot("router"), now)
-        elif self.boot == "router" and "router" in ready:
-            if self._scheduler_wanted():
-                self.boot = "scheduler"
-                self.spawn(self._core_slot("scheduler"), now)
-            else:
-                self._boot_gateway(now)
-        elif self.boot == "scheduler" and "scheduler" in ready:
-            self._boot_gateway(now)
-        elif self.boot == "gateway" and "gateway" in ready:
+        stage = self.boot.advance({cid for cid, s in self.slots.items() if s.phase == "ready"})
+        if stage == "workers":
             self._boot_workers(now)
-        if self.boot == "workers" and all(
-            cid not in self.slots or self.slots[cid].tracker.state is not ChildState.STARTING
-            for cid in self.boot_workers
-        ):
-            self.boot = "up"
-            self.events.publish("ready", "root", None, models=len(self.boot_workers))
+        elif stage is not None and stage != "up":
+            self.spawn(self.table.add_core(stage), now)
+        if self.boot.up(self._starting):
+            self.events.publish("ready", "root", None, models=len(self.boot.workers))
 
-    def _boot_gateway(self, now: float) -> None:
-        """The HTTP gateway next (unless ``[http] listen = "off"``), then the workers."""
-        if parse_listen(self.cfg.http.listen) is None:
-            self._boot_workers(now)
-            return
-        self.boot = "gateway"
-        self.spawn(self._core_slot("gateway"), now)
-
-    def _scheduler_wanted(self) -> bool:
-        """Always, when installed: a disabled scheduler idles (no sampling) and can be
-        enabled at run time; it also answers ``vram_info`` (docs/ARCHITECTURE.md)."""
-        import importlib.util
-
-        try:
-            found = importlib.util.find_spec(self.modules["scheduler"]) is not None
-        except ModuleNotFoundError:
-            found = False
-        if not found:
-            log.warning("scheduler %s is not installed: skipped", self.modules["scheduler"])
-        return found
+    def _starting(self, child_id: str) -> bool:
+        slot = self.slots.get(child_id)
+        return slot is not None and slot.tracker.state is ChildState.STARTING
 
     def _boot_workers(self, now: float) -> None:
-        self.boot = "workers"
         for spec in self.cfg.models:
             try:
-                slot = self.control.add_worker(spec, from_load=False)
+                slot = self.table.add_worker(spec, from_load=False)
             except (ConfigError, OSError) as exc:
                 log.error("event=failed model=%s reason=%s", spec.id, exc)
                 continue
-            self.boot_workers.append(slot.child_id)
+            self.boot.workers.append(slot.child_id)
             self.spawn(slot, now)
 
     # ================================================================ stopping
-    def begin_stop(self, slot: Slot, now: float, drain_s: float) -> None:
-        """Stop by request: Stop(drain), then SIGTERM, then SIGKILL of the group."""
-        slot.tracker.on_stop_requested()
-        if slot.proc is None or slot.stop_stage:
-            return
-        if slot.handshaken and self.control.stop(slot):
-            slot.stop_stage = "drain"
-            slot.stop_deadline = now + drain_s
-        else:
-            slot.proc.send_signal(signal.SIGTERM)
-            slot.stop_stage = "term"
-            slot.stop_deadline = now + self.sup.term_timeout_s
-
-    def _save_allowance_s(self, slot: Slot) -> float:
-        """How long a stopping child may spend on its shutdown save after the drain."""
-        return self.cfg.cache.evict_save_timeout_s if slot.is_worker else 0.0
-
-    def on_shutdown_saving(self, slot: Slot, timeout_s: float, now: float) -> None:
-        """A stopping worker drained and writes its shutdown saves: hold the next stage."""
-        if slot.stop_stage not in ("drain", "term"):
-            return
-        wait_s = min(max(0.0, timeout_s), self._save_allowance_s(slot)) + SAVE_EXIT_GRACE_S
-        slot.stop_deadline = max(slot.stop_deadline, now + wait_s)
-        log.info("event=shutdown_saving child=%s wait_s=%.1f", slot.child_id, wait_s)
-
-    def _advance_stop(self, slot: Slot, now: float) -> None:
-        assert slot.proc is not None
-        if slot.stop_stage == "drain":
-            log.warning("event=stop_timeout child=%s stage=drain: SIGTERM", slot.child_id)
-            slot.proc.send_signal(signal.SIGTERM)
-            slot.stop_stage = "term"
-            slot.stop_deadline = now + self.sup.term_timeout_s
-        elif slot.stop_stage == "term":
-            log.warning("event=stop_timeout child=%s stage=term: SIGKILL group", slot.child_id)
-            slot.proc.kill_group(signal.SIGKILL)
-            slot.stop_stage = "kill"
-            slot.stop_deadline = now + KILL_GRACE_S
-        else:
-            log.error("event=unkillable child=%s pid=%d: abandoned", slot.child_id, slot.proc.pid)
-            self.on_exit(slot, reaped=False)
-
     def shutdown(self, code: int, now: float) -> None:
         """Stop every child in reverse start order, then leave the loop with ``code``."""
         if self.exit_code is not None:
@@ -493,45 +456,5 @@ class Root:
             return
         self.exit_code = code
         self.events.publish("stop", "root", None, code=code)
-        for slot in self.slots.values():
-            for w in slot.load_waiters:
-                self.control.reply_error(w, "shutting_down", "the daemon is stopping")
-            slot.load_waiters.clear()
-            slot.tracker.on_stop_requested()
-        workers = [cid for cid, s in self.slots.items() if s.is_worker]
-        self.stop_groups = [["gateway"], workers, ["scheduler"], ["router"], ["meta"]]
-        self.stop_overall = (
-            now
-            + self.sup.drain_timeout_s
-            + (self.cfg.cache.evict_save_timeout_s if workers else 0.0)
-            + len(self.stop_groups) * (self.sup.term_timeout_s + KILL_GRACE_S)
-        )
-        self._stop_progress(now)
-
-    def _stop_progress(self, now: float) -> None:
-        while self.stop_groups:
-            group = [self.slots[c] for c in self.stop_groups[0] if c in self.slots]
-            live = [s for s in group if s.proc is not None]
-            if not live:
-                self.stop_groups.pop(0)
-                continue
-            remaining = self.stop_overall - now - (len(self.stop_groups) - 1) * KILL_GRACE_S
-            save_s = max(self._save_allowance_s(s) for s in live)
-            drain_s = max(
-                MIN_DRAIN_S,
-                min(self.sup.drain_timeout_s, remaining - self.sup.term_timeout_s - save_s),
-            )
-            for s in live:
-                self.begin_stop(s, now, drain_s)
-            return
-
-    def _kill_all(self) -> None:
-        for slot in self.slots.values():
-            if slot.proc is not None:
-                slot.proc.kill_group(signal.SIGKILL)
-                slot.proc.wait(KILL_GRACE_S)
-
-
-KILL_GRACE_S = 2.0
-MIN_DRAIN_S = 0.5
-SAVE_EXIT_GRACE_S = 2.0  # after its save deadline a worker closes its sockets and exits
+        self._apply(self.table.stop_all(), now)
+        self.stopper.plan(self.slots, now)

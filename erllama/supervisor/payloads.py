@@ -1,5 +1,8 @@
 """What the root sends its children: ``Init`` payloads and the model views for the router.
 
+``init_payload(slot, ...)`` picks the one a child's role takes; ``slot_view`` is a
+worker slot as the router lists it.
+
 Each payload is one typed struct of ``erllama.inits`` (``MetaInit``, ``RouterInit``,
 ``SchedulerInit``, ``GatewayInit``, ``WorkerInit``: docs/ARCHITECTURE.md, "Init
 payloads"), sent as its builtins; the worker's carries the adapters it last reported,
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ from erllama.inits import (
 )
 from erllama.protocol.messages import AdaptersChanged, ModelInfo
 from erllama.protocol.sockets import CLIENT_SOCK, ipc_endpoint
+from erllama.supervisor.slot import Slot
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +79,43 @@ def worker_init(
             init, adapters=adapters.adapters, adapter_next_handle=adapters.next_handle
         )
     return encode_init(init)
+
+
+def init_payload(
+    slot: Slot,
+    cfg: Config,
+    *,
+    daemon_id: str,
+    endpoint: str,
+    run_dir: Path,
+    slots: Iterable[Slot],
+) -> dict[str, Any]:
+    """The ``Init.config`` of ``slot``'s child (the router's lists every worker in ``slots``)."""
+    role = slot.spec.role
+    if role == "meta":
+        return meta_init(cfg, daemon_id)
+    if role == "router":
+        return router_init(cfg, [slot_view(s) for s in slots if s.is_worker], endpoint)
+    if role == "scheduler":
+        return scheduler_init(cfg, daemon_id, endpoint)
+    if role == "gateway":
+        return gateway_init(cfg, run_dir)
+    assert slot.model is not None and slot.model_id is not None
+    return worker_init(cfg, slot.model_id, slot.model, daemon_id, slot.adapters)
+
+
+def slot_view(slot: Slot) -> ModelInfo:
+    """A worker slot's ``ModelInfo`` (its current state, pid, restarts and last exit)."""
+    assert slot.model is not None and slot.model_id is not None
+    return model_view(
+        slot.model_id,
+        slot.model,
+        slot.model_state(),
+        last=slot.info,
+        pid=slot.proc.pid if slot.proc is not None else None,
+        restarts=slot.tracker.restarts,
+        last_exit=slot.last_exit,
+    )
 
 
 def resolve_model_path(spec: ModelSpec) -> ModelSpec:

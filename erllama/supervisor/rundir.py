@@ -1,5 +1,9 @@
 """The root's ownership of its run directory: pid-file lock, stale sockets, ram tier dir.
 
+``RunDir`` is what ``serve`` holds for the life of the root: ``claim`` (private
+directory, pid-file lock), ``prepare`` (stale files of a dead daemon, a fresh ram
+tier dir) and ``release`` (our files, the ram dir, the lock). Binds no socket.
+
 * ``erllama.pid`` in the run directory is locked with ``flock`` for the life of
   the root. A second daemon on the same run directory fails to take the lock
   and refuses to start. The lock dies with its process, so the pid file of a
@@ -27,6 +31,7 @@ from erllama.protocol.sockets import (
     SCHEDULER_SOCK,
     SCHEDULER_STATE,
     WORKERS_SOCK,
+    ensure_private_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -125,3 +130,55 @@ def ipc_path(endpoint: str) -> Path | None:
     if endpoint.startswith("ipc://"):
         return Path(endpoint[len("ipc://") :])
     return None
+
+
+class RunDir:
+    """One root's run directory for the life of ``serve``.
+
+    Args:
+        path: the absolute run directory.
+        endpoint: the client endpoint; an ``ipc://`` file outside ``path`` is
+            removed at start and at stop as the socket files are.
+        ram_tier: the cache has a ram tier (its directory is wiped and created).
+    """
+
+    def __init__(self, path: Path, endpoint: str, *, ram_tier: bool) -> None:
+        self.path = path
+        self.daemon_id = daemon_id_for(path)
+        self._lock = RunDirLock(path)
+        endpoint_file = ipc_path(endpoint)
+        self._extra = (
+            [endpoint_file] if endpoint_file is not None and endpoint_file.parent != path else []
+        )
+        self._ram_dir = ram_tier_dir(self.daemon_id) if ram_tier else None
+
+    def claim(self) -> None:
+        """Make the directory private and take the pid-file lock.
+
+        Raises:
+            RunDirBusyError: another live daemon holds it.
+            OSError: the directory is not usable.
+        """
+        ensure_private_dir(self.path)
+        self._lock.acquire()
+
+    def prepare(self) -> None:
+        """Remove a dead daemon's files; create a fresh ram tier dir."""
+        stale = remove_socket_files(self.path)
+        self._remove_extra()
+        if stale:
+            log.warning("removed stale socket files of a dead daemon: %s", ", ".join(stale))
+        if self._ram_dir is not None:
+            reset_ram_dir(self._ram_dir)
+
+    def release(self) -> None:
+        """Remove our socket files and the ram tier dir, then drop the lock."""
+        remove_socket_files(self.path)
+        self._remove_extra()
+        if self._ram_dir is not None:
+            remove_ram_dir(self._ram_dir)
+        self._lock.release()
+
+    def _remove_extra(self) -> None:
+        for p in self._extra:
+            p.unlink(missing_ok=True)

@@ -16,18 +16,18 @@ daemon is stopping) is answered with the model's current state, so the router's
 table never stays on a guess. An ``Unload`` of a sleeping model removes it at once
 (``control.py``); one that arrives while it stops to sleep wins over the sleep.
 Neither a sleep nor a wake counts as a restart.
+
+Pure decisions over one slot: each function returns the effects the root carries
+out (``effects.py``); nothing here sends, spawns or signals.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
+from erllama.supervisor.effects import BeginStop, Effect, Publish, Spawn, Tell
 from erllama.supervisor.slot import Slot
 from erllama.supervisor.tree import ChildState
-
-if TYPE_CHECKING:
-    from erllama.supervisor.daemon import Root
 
 log = logging.getLogger(__name__)
 
@@ -35,62 +35,54 @@ log = logging.getLogger(__name__)
 ROUTER_STATES = frozenset({"loading", "ready", "restarting", "failed", "unloaded", "sleeping"})
 
 
-def sleep_worker(root: Root, slot: Slot, reason: str, now: float) -> None:
+def sleep_worker(slot: Slot, reason: str, *, stopping: bool) -> list[Effect]:
     """``SleepWorker``: stop a ready worker and keep its model registered."""
     if (
-        root.exit_code is not None
+        stopping
         or slot.proc is None
         or slot.phase != "ready"
         or slot.tracker.state is not ChildState.RUNNING
     ):
         log.info("event=sleep_refused model=%s state=%s", slot.model_id, slot.model_state())
-        resync(root, slot)
-        return
+        return resync(slot)
     slot.sleep_reason = reason
     slot.wake_requested = False
     log.info("event=sleeping model=%s reason=%s", slot.model_id, reason)
-    root.begin_stop(slot, now, root.sup.drain_timeout_s)
+    return [BeginStop(slot)]
 
 
-def wake_worker(root: Root, slot: Slot, now: float) -> None:
+def wake_worker(slot: Slot, *, stopping: bool) -> list[Effect]:
     """``WakeWorker``: start a sleeping worker again (or once it has finished stopping)."""
-    if root.exit_code is not None:
-        return
+    if stopping:
+        return []
     if slot.asleep:
-        _spawn_awake(root, slot, now)
-    elif slot.sleep_reason is not None and not slot.unload_waiters:
+        return _wake(slot)
+    if slot.sleep_reason is not None and not slot.unload_waiters:
         slot.wake_requested = True  # still stopping: woken at its exit
-    else:
-        resync(root, slot)
+        return []
+    return resync(slot)
 
 
-def after_stop(root: Root, slot: Slot, pid: int, now: float) -> bool:
-    """A worker stopped by request has exited: True if its slot stays (asleep or woken)."""
+def after_stop(slot: Slot, pid: int, *, stopping: bool) -> list[Effect] | None:
+    """A worker stopped by request has exited: its effects if the slot stays (asleep or
+    woken), None if it goes."""
     if slot.sleep_reason is None or slot.unload_waiters:
         slot.sleep_reason = None
-        return False
-    root.events.publish("sleep", slot.child_id, pid, reason=slot.sleep_reason)
-    if slot.wake_requested and root.exit_code is None:
-        _spawn_awake(root, slot, now)
-    else:
-        root.control.model_changed(slot, "sleeping")
-    return True
+        return None
+    effects: list[Effect] = [Publish("sleep", slot.child_id, pid, {"reason": slot.sleep_reason})]
+    if slot.wake_requested and not stopping:
+        return effects + _wake(slot)
+    return [*effects, Tell(slot, "sleeping")]
 
 
-def resync(root: Root, slot: Slot) -> None:
+def resync(slot: Slot) -> list[Effect]:
     """Tell the router the model's current state (it acted on an older one)."""
     state = slot.model_state()
-    if state in ROUTER_STATES:
-        root.control.model_changed(slot, state)
+    return [Tell(slot, state)] if state in ROUTER_STATES else []
 
 
-def _spawn_awake(root: Root, slot: Slot, now: float) -> None:
+def _wake(slot: Slot) -> list[Effect]:
     slot.sleep_reason = None
     slot.wake_requested = False
     slot.tracker.on_wake()
-    root.events.publish("wake", slot.child_id, None)
-    if root.spawn(slot, now, waking=True):
-        return
-    # the process could not even be started: the tracker counted a failed start
-    log.error("event=wake_failed model=%s reason=%s", slot.model_id, slot.last_exit)
-    resync(root, slot)
+    return [Publish("wake", slot.child_id, None), Spawn(slot, waking=True)]

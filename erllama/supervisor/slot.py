@@ -28,6 +28,11 @@ Phase = Literal["down", "hello", "init_sent", "ready", "killed"]
 StopStage = Literal["", "drain", "term", "kill"]
 
 
+def worker_id(model_id: str) -> str:
+    """The child id of a model's worker."""
+    return f"worker.{model_id}"
+
+
 @dataclass(eq=False)
 class Slot:
     spec: ChildSpec

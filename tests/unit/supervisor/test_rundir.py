@@ -58,3 +58,30 @@ def test_reset_ram_dir_wipes(tmp_path: Path) -> None:
     assert d.is_dir() and not list(d.iterdir())
     rundir.remove_ram_dir(d)
     assert not d.exists()
+
+
+def test_run_dir_claim_prepare_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rundir, "SHM_ROOT", tmp_path / "shm")
+    (tmp_path / "shm").mkdir()
+    run_dir, outside = tmp_path / "run", tmp_path / "elsewhere"
+    outside.mkdir()
+    endpoint_file = outside / "client.sock"
+    owned = rundir.RunDir(run_dir, f"ipc://{endpoint_file}", ram_tier=True)
+    owned.claim()
+    with pytest.raises(rundir.RunDirBusyError):
+        rundir.RunDir(run_dir, "tcp://127.0.0.1:1", ram_tier=False).claim()
+    (run_dir / "control.sock").write_text("")  # a dead daemon's
+    endpoint_file.write_text("")
+    ram_dir = rundir.ram_tier_dir(owned.daemon_id)
+    ram_dir.mkdir()
+    (ram_dir / "old.kvc").write_bytes(b"x")
+    owned.prepare()
+    assert not (run_dir / "control.sock").exists() and not endpoint_file.exists()
+    assert ram_dir.is_dir() and not list(ram_dir.iterdir())
+    (run_dir / "events.sock").write_text("")
+    owned.release()
+    assert sorted(p.name for p in run_dir.iterdir()) == []
+    assert not ram_dir.exists()
+    again = rundir.RunDir(run_dir, "tcp://127.0.0.1:1", ram_tier=False)
+    again.claim()
+    again.release()
