@@ -214,17 +214,17 @@ def sigint_blocked() -> Iterator[None]:
 
 @contextlib.contextmanager
 def sigint_allowed() -> Iterator[None]:
-    """Let SIGINT in on this thread (inside ``sigint_blocked``).
+    """Let SIGINT in on this thread (inside ``sigint_blocked``), then restore the mask.
 
-    The exit blocks SIGINT again rather than restoring a saved mask: a pending SIGINT
-    unblocked here may raise before a saved mask would be bound, and must not leave
-    the thread open to it.
+    The mask is read before SIGINT is unblocked: a pending SIGINT may raise the moment
+    it is, and the ``finally`` must already hold the mask to go back to.
     """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # reads the mask, changes nothing
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class LineReader:

@@ -117,3 +117,17 @@ def test_sigint_right_after_the_prompt_always_interrupts(pipe: tuple[int, int]) 
         t.join(10)
         signal.signal(signal.SIGINT, old)
     assert interrupted == 200
+
+
+def test_sigint_allowed_restores_the_mask_it_found() -> None:
+    from erllama.chat_cli import sigint_allowed, sigint_blocked
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    with sigint_allowed():
+        assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, ()) == before
+    with sigint_blocked():
+        with sigint_allowed():
+            assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, ())
+        assert signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, ()) == before
