@@ -231,13 +231,21 @@ class Scheduler:
         )
 
     def set_enabled(self, on: bool) -> None:
-        """``enable(bool)``: enabling re-arms the policy and checks at once."""
-        if on and not self.enabled:
+        """``enable(bool)``: enabling re-arms the policy and checks at once.
+
+        The check runs here, before the caller is answered: a check left to the loop
+        could sample a later pressure and start a plan that a forced check the caller
+        sends next would find busy.
+        """
+        starting = on and not self.enabled
+        if starting:
             self.policy.armed, self.policy.above = True, 0
-            self.next_tick = time.monotonic()
         self.cfg = msgspec.structs.replace(self.cfg, enabled=on)
         overrides.save(self.run_dir, self.cfg)
         log.info("event=%s", "enabled" if on else "disabled")
+        if starting:
+            self.check()
+            self.next_tick = time.monotonic() + self.cfg.interval_s
         self.send_report()
 
     def set_thresholds(self, high: float, low: float) -> None:

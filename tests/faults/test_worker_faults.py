@@ -162,6 +162,9 @@ def test_worker_fault(
         d.wait_for_event("ready", 20, child="worker.m1")
         r = wait_terminal(c, rid, 20)
         assert isinstance(r, Reply), r
+        # its prompt and finish rows are written after the reply (saves never block it):
+        # wait for them, or the file check can catch the second one mid-publish
+        wait_saves(c, 4)
         after_checks(d, c, tmp_path, seeded=True)
         return
 
