@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
@@ -54,6 +55,8 @@ from erllama.cache.rows import (
 from erllama.cache.trie import TokenTrie
 
 log = logging.getLogger(__name__)
+
+DEAD_HOLDERS_MAX = 1024  # dead holders remembered (their late requests are refused)
 
 
 class Ledger:
@@ -95,6 +98,10 @@ class Ledger:
         self._next_waiter = 1
         self._counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
         self._demoting: dict[bytes, LedgerRow] = {}  # rows whose copy is being made
+        # holders released as dead: a request of theirs that arrives later (it was still
+        # in meta's socket when the root reported the death) must not pin or reserve
+        # anything, or nobody would ever release it
+        self._dead: OrderedDict[str, None] = OrderedDict()
 
     # ------------------------------------------------------------ counters
     def count(self, name: str, n: int = 1) -> None:
@@ -152,7 +159,7 @@ class Ledger:
         """Pin an available row; park the caller on a ``writing`` one when ``wait_ms > 0``."""
         now = self.clock() if now is None else now
         row = self.rows.get(key)
-        if row is None:
+        if row is None or self.holder_dead(holder):
             return CheckoutOutcome("miss")
         if row.status == "available":
             return CheckoutOutcome("hit", self._pin(row, holder, now), row)
@@ -175,7 +182,7 @@ class Ledger:
         Returns ``(common_len, pin_ref, row)`` or None when nothing shares ``min_len``.
         """
         trie = self._tries.get(ns)
-        if trie is None:
+        if trie is None or self.holder_dead(holder):
             return None
         found = trie.longest_prefix_packed(tokens)
         if found is None or found[0] < min_len:
@@ -291,6 +298,8 @@ class Ledger:
     def reserve(self, key: bytes, tier: str, holder: str) -> ReserveOutcome:
         if tier not in self.budgets:
             raise KeyError(tier)
+        if self.holder_dead(holder):
+            return ReserveOutcome("conflict")
         now = self.clock()
         row = self.rows.get(key)
         if row is not None and row.status == "available":
@@ -427,7 +436,11 @@ class Ledger:
     # ------------------------------------------------------------ holders
     def release_holder(self, holder: str) -> Effects:
         """A process died: release its pins, resolve its reservations, and answer its
-        parked checkouts with a miss (the process drops replies nobody can receive)."""
+        parked checkouts with a miss (the process drops replies nobody can receive).
+        Its later requests pin and reserve nothing (``holder_dead``)."""
+        self._dead[holder] = None
+        while len(self._dead) > DEAD_HOLDERS_MAX:
+            self._dead.popitem(last=False)
         for ref in sorted(self._holder_pins.get(holder, ())):
             self.checkin(ref)
         eff = Effects()
@@ -442,6 +455,13 @@ class Ledger:
             if not waiting:
                 del self._waiters[key]
         return eff
+
+    def holder_dead(self, holder: str) -> bool:
+        """``holder`` was released as dead (holder ids carry the pid: never reused soon)."""
+        if holder in self._dead:
+            log.info("event=dead_holder_request holder=%s: refused", holder)
+            return True
+        return False
 
     # ------------------------------------------------------------ eviction (§6.5)
     def _evict(

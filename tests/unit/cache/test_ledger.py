@@ -313,6 +313,18 @@ def test_release_holder_frees_pins_and_answers_its_waiters(ledger: Ledger) -> No
     assert "r:dead" not in ledger.holders()
 
 
+def test_a_dead_holders_late_requests_claim_nothing(ledger: Ledger) -> None:
+    # a reserve or checkout still in meta's socket when the root reported the death:
+    # granted, it would be held for a process that can never release it
+    key = publish(ledger, toks(62), MB)
+    ledger.release_holder("w:gone")
+    assert ledger.reserve(key_of(toks(63)), "ram", "w:gone").status == "conflict"
+    assert ledger.checkout(key, "w:gone").status == "miss"
+    assert ledger.longest_prefix_checkout(NS, toks(62), "w:gone") is None
+    assert not ledger.reservations and not ledger.pins
+    assert ledger.checkout(key, "w:alive").status == "hit"  # others are served as before
+
+
 # ---------------------------------------------------------------- longest prefix
 def test_longest_prefix_checkout_pins_the_best_row_and_follows_evictions(
     ledger: Ledger, clock: FakeClock

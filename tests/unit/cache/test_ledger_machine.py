@@ -51,6 +51,12 @@ class LedgerMachine(RuleBasedStateMachine):
         self.linked: set[bytes] = set()  # final file exists for a reserved key
         self.pins: dict[int, LedgerRow] = {}
         self.dropped: list[LedgerRow] = []  # rows dropped as corrupt (pins may outlive them)
+        # a holder id carries its process's pid: one that died comes back as a new id
+        self.incarnation: dict[str, int] = {}
+        self.dead: list[str] = []
+
+    def live(self, holder: str) -> str:
+        return f"{holder}:{self.incarnation.get(holder, 0)}"
 
     # ------------------------------------------------------------ helpers
     def data(self, key: bytes) -> RowData:
@@ -94,6 +100,7 @@ class LedgerMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------ publish protocol
     @rule(key=key_st, tier=tier_st, holder=holder_st)
     def reserve(self, key: bytes, tier: str, holder: str) -> None:
+        holder = self.live(holder)
         was_available = self.led.lookup(key) is not None
         out = self.led.reserve(key, tier, holder)
         if out.status == "resolve":
@@ -172,6 +179,9 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(holder=holder_st)
     def holder_dies(self, holder: str) -> None:
+        holder, name = self.live(holder), holder
+        self.incarnation[name] = self.incarnation.get(name, 0) + 1
+        self.dead.append(holder)
         mine = {k: stage for k, (_, h, stage) in self.res.items() if h == holder}
         eff = self.led.release_holder(holder)
         resolves = {a.key: a.stage for a in eff.actions if isinstance(a, Resolve)}
@@ -196,7 +206,7 @@ class LedgerMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------ readers
     @rule(key=key_st, holder=holder_st, wait=st.sampled_from([0, 100]))
     def checkout(self, key: bytes, holder: str, wait: int) -> None:
-        out = self.led.checkout(key, holder, wait_ms=wait)
+        out = self.led.checkout(key, self.live(holder), wait_ms=wait)
         if out.status == "hit":
             assert out.pin_ref is not None and out.row is not None
             self.pins[out.pin_ref] = out.row
@@ -206,11 +216,23 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(tokens=st.sampled_from(TOKEN_LISTS), holder=holder_st)
     def longest_prefix(self, tokens: tuple[int, ...], holder: str) -> None:
         packed = struct.pack(f"<{len(tokens)}I", *tokens)
-        found = self.led.longest_prefix_checkout(NS, packed, holder)
+        found = self.led.longest_prefix_checkout(NS, packed, self.live(holder))
         if found is not None:
             common, ref, row = found
             assert row.tokens[: common * 4] == packed[: common * 4]
             self.pins[ref] = row
+
+    @precondition(lambda self: self.dead)
+    @rule(data=st.data(), key=key_st, tier=tier_st)
+    def late_request_of_a_dead_holder(self, data: st.DataObject, key: bytes, tier: str) -> None:
+        # still in meta's socket when the death was reported: it must claim nothing
+        holder = data.draw(st.sampled_from(self.dead))
+        reservations, pins = dict(self.led.reservations), dict(self.led.pins)
+        assert self.led.reserve(key, tier, holder).status == "conflict"
+        assert self.led.checkout(key, holder, wait_ms=100).status == "miss"
+        packed = struct.pack(f"<{len(KEYS[key])}I", *KEYS[key])
+        assert self.led.longest_prefix_checkout(NS, packed, holder) is None
+        assert self.led.reservations == reservations and self.led.pins == pins
 
     @precondition(lambda self: self.pins)
     @rule(data=st.data())
