@@ -30,6 +30,13 @@ KV (the prompt and its reply) with ``served``.
 4. endpoints marked down (``failed``) go last, soonest retry first, until their
    ``retry_at`` passes.
 
+This is the shape of SGLang's cache-aware router (longest prefix match above a
+match-rate threshold, else spread; a load-imbalance bound over both), with the
+match kept in a hash table of prefix boundaries instead of a radix tree of text.
+A conversation whose prompt is mostly a long shared system prompt stays with the
+daemon that served that prompt until ``load_slack`` spreads it: recomputing the
+long prefix elsewhere is the larger cost.
+
 ``policy="round_robin"`` rotates over the live endpoints (the benchmark's
 baseline, ``bench/bench_routing.py``).
 
