@@ -25,6 +25,7 @@ per endpoint inside ``SyncIO`` would give every management call (``load_model``,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -122,7 +123,7 @@ class _ClusterBase(Generic[C]):
 
     def _served(self, endpoint: str, routes: Sequence[Route]) -> None:
         self._chooser.finished(endpoint)
-        for r in routes:
+        for r in routes or [Route()]:  # Route(): up again, nothing to remember (a session)
             self._chooser.served(endpoint, r)
 
     @staticmethod
@@ -279,6 +280,10 @@ class ClusterStream:
 
     def __enter__(self) -> ClusterStream:
         return self
+
+    def __del__(self) -> None:  # dropped unfinished: the inner Stream cancels itself
+        with contextlib.suppress(Exception):
+            self._st.ended(served=False)
 
     def __exit__(
         self,
@@ -439,6 +444,10 @@ class AsyncClusterStream:
 
     async def __aenter__(self) -> AsyncClusterStream:
         return self
+
+    def __del__(self) -> None:  # dropped unfinished: the inner AsyncStream cancels itself
+        with contextlib.suppress(Exception):
+            self._st.ended(served=False)
 
     async def __aexit__(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,3 +157,17 @@ def test_async_twin_fails_over(sock_dir: Path) -> None:
     ):
         asyncio.run(main(a, b))
         assert completes(b) == 9
+
+
+def test_a_dropped_stream_releases_its_load(pair: tuple[FakeRouter, FakeRouter]) -> None:
+    a, b = pair
+    with erllama.ClusterClient([a.endpoint, b.endpoint], timeout=QUICK) as c:
+        s = c.stream("hold", "hello", session_id="s1")
+        assert next(s).kind == "token"
+        ep = s.endpoint
+        assert ep is not None and c.chooser.inflight(ep) == 1
+        del s
+        gc.collect()
+        assert c.chooser.inflight(ep) == 0
+        assert c.complete("m1", "x", session_id="s1").reply  # a session: served, nothing kept
+        assert not c.chooser._memory
