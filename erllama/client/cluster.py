@@ -1,4 +1,4 @@
-"""``ClusterClient`` and ``AsyncClusterClient``: generation routed over several daemons.
+"""``ClusterClient``: generation routed over several daemons (its twin: ``cluster_aio``).
 
 A cluster client holds one ``Client`` (or ``AsyncClient``) per daemon endpoint and
 the ``routing.Chooser`` that orders them for each request: the daemon most likely
@@ -13,6 +13,9 @@ Failover: a request that fails before any output with a ``FAILOVER_CODES`` error
 one goes to the back of the order for a while (``routing.DOWN_S`` / ``BUSY_S``). A
 stream that has yielded an event is never retried: the error is raised, as from a
 plain ``Stream``. A timeout is not failed over either (the request may be running).
+
+The twins' common half is here too (``_ClusterBase``, ``_StreamState``); the async
+twin ``AsyncClusterClient`` is in ``cluster_aio``.
 
 Sockets: those of the per-endpoint clients (each a DEALER and its monitor PAIR),
 opened on first use.
@@ -29,19 +32,18 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
 from erllama.client.aio import AsyncClient
-from erllama.client.aio_io import AsyncStream
 from erllama.client.models import Completion, Event, Timeout
 from erllama.client.routing import Chooser, Policy, Route, fails_over, route_of
 from erllama.client.sync import Client
 from erllama.client.sync_io import Stream
 from erllama.protocol.errors import DaemonUnavailableError, ErllamaError, ErrorCode
 
-__all__ = ["AsyncClusterClient", "AsyncClusterStream", "ClusterClient", "ClusterStream"]
+__all__ = ["ClusterClient", "ClusterStream"]
 
 log = logging.getLogger(__name__)
 
@@ -385,154 +387,3 @@ class ClusterClient(_ClusterBase[Client]):
         """``Client.infer`` on the best endpoint; fails over until the first event."""
         state = _StreamState(self, model, None, tokens, params)
         return ClusterStream(state, lambda c: c.infer(model, tokens, **params))
-
-
-# ================================================================ asyncio
-class AsyncClusterStream:
-    """Async twin of ``ClusterStream`` (``async for``, ``aclose``, ``async with``)."""
-
-    def __init__(self, state: _StreamState, start: Callable[[AsyncClient], Awaitable[AsyncStream]]):
-        self._st, self._start = state, start
-        self._inner: AsyncStream | None = None
-
-    async def _open(self, last: ErllamaError | None) -> None:
-        while True:
-            ep = self._st.next_endpoint(last)
-            try:
-                self._inner = await self._start(self._st._cluster.clients[ep])
-                return
-            except ErllamaError as exc:
-                if not self._st.refused(exc):
-                    raise
-                last = exc
-
-    @property
-    def endpoint(self) -> str | None:
-        return self._st.endpoint
-
-    @property
-    def request_id(self) -> str:
-        assert self._inner is not None
-        return self._inner.request_id
-
-    def __aiter__(self) -> AsyncClusterStream:
-        return self
-
-    async def __anext__(self) -> Event:
-        while True:
-            if self._inner is None:
-                raise StopAsyncIteration
-            try:
-                ev = await self._inner.__anext__()
-            except StopAsyncIteration:
-                self._inner = None
-                raise
-            except ErllamaError as exc:
-                self._inner = None
-                if not self._st.refused(exc):
-                    raise
-                await self._open(exc)
-                continue
-            self._st.saw(ev)
-            return ev
-
-    async def aclose(self) -> None:
-        if self._inner is not None:
-            await self._inner.aclose()
-            self._inner = None
-        self._st.ended(served=False)
-
-    async def __aenter__(self) -> AsyncClusterStream:
-        return self
-
-    def __del__(self) -> None:  # dropped unfinished: the inner AsyncStream cancels itself
-        with contextlib.suppress(Exception):
-            self._st.ended(served=False)
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-
-class AsyncClusterClient(_ClusterBase[AsyncClient]):
-    """Async twin of ``ClusterClient`` (one event loop, as ``AsyncClient``)."""
-
-    def __init__(
-        self,
-        endpoints: Sequence[str],
-        *,
-        timeout: float | Timeout | None = None,
-        curve_server_keys: Mapping[str, Key] | None = None,
-        curve_secret_key: Key | None = None,
-        curve_public_key: str | bytes | None = None,
-        policy: Policy = "prefix",
-        load_slack: int | None = None,
-    ) -> None:
-        super().__init__(
-            AsyncClient,
-            endpoints,
-            timeout,
-            curve_server_keys,
-            curve_secret_key,
-            curve_public_key,
-            policy,
-            load_slack,
-        )
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Async twin of ``ClusterClient.close``."""
-        for c in self._clients.values():
-            await c.aclose()
-
-    async def complete(self, model: str, prompt: str, **opts: Any) -> Completion:
-        """Async twin of ``ClusterClient.complete``."""
-        route = route_of(model, prompt=prompt, session_id=opts.get("session_id"))
-        last: ErllamaError | None = None
-        for ep in self._plan(route):
-            self._chooser.sent(ep)
-            try:
-                done = await self._clients[ep].complete(model, prompt, **opts)
-            except ErllamaError as exc:
-                if not self._refused(ep, exc):
-                    raise
-                last = exc
-                continue
-            self._served(
-                ep,
-                _routes_of(model, route, prompt=prompt, tokens=None, text=done.reply, generated=()),
-            )
-            return done
-        raise self._no_endpoint(last)
-
-    async def stream(self, model: str, prompt: str, **opts: Any) -> AsyncClusterStream:
-        """Async twin of ``ClusterClient.stream``."""
-        s = AsyncClusterStream(
-            _StreamState(self, model, prompt, None, opts),
-            lambda c: c.stream(model, prompt, **opts),
-        )
-        await s._open(None)
-        return s
-
-    async def infer(self, model: str, tokens: Sequence[int], **params: Any) -> AsyncClusterStream:
-        """Async twin of ``ClusterClient.infer``."""
-        s = AsyncClusterStream(
-            _StreamState(self, model, None, tokens, params),
-            lambda c: c.infer(model, tokens, **params),
-        )
-        await s._open(None)
-        return s

@@ -72,10 +72,14 @@ def test_busy_fails_over(sock_dir: Path) -> None:
         FakeRouter(f"ipc://{sock_dir / 'b.sock'}") as b,
         erllama.ClusterClient([a.endpoint, b.endpoint], timeout=QUICK) as c,
     ):
-        for i in range(4):
-            done = c.complete("m1", f"prompt {i}")
+        # a prompt whose first choice is A (HRW over these tmp paths)
+        prompt = next(
+            p for i in range(100) if c.route("m1", prompt=(p := f"prompt {i}"))[0] == a.endpoint
+        )
+        for _ in range(4):
+            done = c.complete("m1", prompt)
             assert done.reply
-            events = list(c.stream("m1", f"prompt {i}"))
+            events = list(c.stream("m1", prompt))
             assert events[-1].kind == "done"
         assert completes(b) == 8
         assert completes(a) >= 1  # tried at least once, then kept at the back
@@ -88,11 +92,13 @@ def test_a_missing_daemon_fails_over_at_once(sock_dir: Path) -> None:
         FakeRouter(f"ipc://{sock_dir / 'b.sock'}") as b,
         erllama.ClusterClient([gone, b.endpoint], timeout=QUICK) as c,
     ):
+        first = next(p for i in range(100) if c.route("m1", prompt=(p := f"p{i}"))[0] == gone)
+        assert c.complete("m1", first).reply
         for i in range(3):
             assert c.complete("m1", f"p{i}").reply
             assert [e.kind for e in c.infer("m1", [1, 2, 3 + i])][-1] == "done"
         assert c.chooser.is_down(gone, time.monotonic())
-        assert completes(b) == 6
+        assert completes(b) == 7
 
 
 def test_every_daemon_busy_raises_the_error(sock_dir: Path) -> None:
