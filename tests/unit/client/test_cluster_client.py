@@ -177,3 +177,23 @@ def test_a_dropped_stream_releases_its_load(pair: tuple[FakeRouter, FakeRouter])
         assert c.chooser.inflight(ep) == 0
         assert c.complete("m1", "x", session_id="s1").reply  # a session: served, nothing kept
         assert not c.chooser._memory
+
+
+def test_curve_keys_go_to_their_endpoints(tmp_path: Path) -> None:
+    import zmq
+
+    server_pub, _ = zmq.curve_keypair()
+    pub, sec = zmq.curve_keypair()
+    tcp = "tcp://10.0.0.2:7100"
+    c = erllama.ClusterClient(
+        ["ipc:///x/client.sock", tcp],
+        curve_server_keys={tcp: server_pub},
+        curve_secret_key=sec,
+        curve_public_key=pub,
+    )
+    try:
+        assert c.clients[tcp]._core.curve is not None
+        assert c.clients["ipc:///x/client.sock"]._core.curve is None
+        assert c.endpoints == ["ipc:///x/client.sock", tcp]
+    finally:
+        c.close()
