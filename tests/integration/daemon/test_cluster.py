@@ -22,7 +22,7 @@ import pytest
 
 import erllama
 from erllama.config import CacheConfig
-from tests.support.daemon import Daemon, DaemonFactory, stub_model
+from tests.support.daemon import Daemon, DaemonFactory, stub_model, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,7 +43,8 @@ def cache_section(prefix: str) -> dict[str, Any]:
         for t in CacheConfig().tiers
     ]
     tiers = [{k: v for k, v in t.items() if v is not None} for t in tiers]
-    return {"tiers": [*tiers, {"name": "remote", "url": REMOTE_URL, "key_prefix": prefix}]}
+    remote = {"name": "remote", "url": REMOTE_URL, "key_prefix": prefix, "timeout_ms": 200}
+    return {"tiers": [*tiers, remote]}
 
 
 def two(daemon_factory: DaemonFactory) -> tuple[Daemon, Daemon]:
@@ -149,6 +150,10 @@ def test_kill_a_fails_over_to_b(daemon_factory: DaemonFactory) -> None:
         # what the home daemon would answer next (the stub is deterministic)
         with erllama.Client(home) as direct:
             expected = direct.complete("m", turn(history, 2), response_tokens=6).reply
+            if REMOTE_URL is not None:  # the remote tier is write-behind: let A's rows land
+                wait_until(
+                    lambda: direct.counters().get("remote_uploads", 0) >= 3, 20, what="uploads"
+                )
         kill(daemons[home])
         done = c.complete("m", turn(history, 2), response_tokens=6)
         assert done.reply == expected
