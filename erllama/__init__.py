@@ -1,14 +1,19 @@
 """erllama: a supervised llama.cpp inference daemon with a token-exact KV-state cache.
 
-The public surface: ``Client`` / ``AsyncClient`` and what they return, and
+The public surface: ``Client`` / ``AsyncClient`` and what they return,
+``ClusterClient`` / ``AsyncClusterClient`` (generation routed over several daemons), and
 the exception tree (catch ``ErllamaError`` for everything; ``.code`` /
 ``.reason`` is the stable error code).
 """
 
 from erllama.client import AsyncClient as AsyncClient
+from erllama.client import AsyncClusterClient as AsyncClusterClient
+from erllama.client import AsyncClusterStream as AsyncClusterStream
 from erllama.client import AsyncStream as AsyncStream
 from erllama.client import Client as Client
 from erllama.client import ClientState as ClientState
+from erllama.client import ClusterClient as ClusterClient
+from erllama.client import ClusterStream as ClusterStream
 from erllama.client import Completion as Completion
 from erllama.client import Event as Event
 from erllama.client import Stream as Stream
@@ -41,11 +46,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient",
+    "AsyncClusterClient",
+    "AsyncClusterStream",
     "AsyncStream",
     "CacheDelta",
     "CacheHit",
     "Client",
     "ClientState",
+    "ClusterClient",
+    "ClusterStream",
     "Completion",
     "ConflictError",
     "DaemonStatus",

@@ -9,7 +9,9 @@ Verbs::
     erllama models                                     one line per model
     erllama complete ID PROMPT [--max-tokens N] [--temperature T] [--seed S] [--stop STR ...]
     erllama chat [MODEL] [--system TEXT] [--response-tokens N]   interactive chat (chat_cli.py)
-    erllama status                                     models, phases, cache tiers and budgets
+    erllama status [--endpoint E ...]                  models, phases, cache tiers and budgets,
+                                                       cache hits / misses / remote_* counters;
+                                                       one section per daemon
     erllama counters                                   one "name value" line per counter
     erllama scheduler status|enable|disable|check      the memory-pressure scheduler
     erllama scheduler set-thresholds --high X --low Y  (cli_scheduler.py)
@@ -34,28 +36,20 @@ import contextlib
 import os
 import sys
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-from erllama import __version__, chat_cli, cli_scheduler
+from erllama import __version__, chat_cli, cli_scheduler, cli_status
+from erllama.cli_status import MODEL_HEADERS, CliError, model_rows, table
 from erllama.client import Client, Timeout
 from erllama.protocol.errors import ErllamaError
-from erllama.protocol.messages import DaemonStatus, ModelInfo, Stats
+from erllama.protocol.messages import Stats
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-
-class CliError(Exception):
-    """An error found by the CLI itself (printed as ``error: <code>: <message>``)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 # ================================================================ output helpers
@@ -65,22 +59,6 @@ def _out(text: str) -> None:
 
 def _err(text: str) -> None:
     sys.stderr.write(text)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO) -> None:
-    cells = [[str(h) for h in headers], *[["-" if c is None else str(c) for c in r] for r in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    for row in cells:
-        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
-
-
-def _bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"  # pragma: no cover - unreachable
 
 
 def stats_line(stats: Stats) -> str:
@@ -196,45 +174,13 @@ def cmd_unload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _model_rows(models: Sequence[ModelInfo]) -> list[list[object]]:
-    return [
-        [
-            m.id,
-            m.state,
-            m.phase,
-            m.pending_len,
-            m.backend,
-            m.context_size,
-            m.quant_tag or m.quant_type,
-            m.tier,
-            m.restarts,
-            m.last_exit,
-        ]
-        for m in models
-    ]
-
-
-MODEL_HEADERS = (
-    "ID",
-    "STATE",
-    "PHASE",
-    "PENDING",
-    "BACKEND",
-    "CTX",
-    "QUANT",
-    "TIER",
-    "RESTARTS",
-    "LAST EXIT",
-)
-
-
 def cmd_models(args: argparse.Namespace) -> int:
     with _client(args) as c:
         models = c.list_models()
     if not models:
         _out("no models loaded\n")
         return EXIT_OK
-    _table(MODEL_HEADERS, _model_rows(models), sys.stdout)
+    table(MODEL_HEADERS, model_rows(models), sys.stdout)
     return EXIT_OK
 
 
@@ -272,41 +218,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return chat_cli.run_chat(c, args)
 
 
-def _status_text(st: DaemonStatus, out: TextIO) -> None:
-    out.write(f"daemon pid {st.pid}, run dir {st.run_dir}\n\n")
-    if st.models:
-        _table(MODEL_HEADERS, _model_rows(st.models), out)
-    else:
-        out.write("no models loaded\n")
-    out.write("\n")
-    if st.tiers:
-        rows = []
-        for t in st.tiers:
-            pct = f"{100.0 * t.used_bytes / t.budget_bytes:.1f}%" if t.budget_bytes else "-"
-            rows.append([t.name, _bytes(t.used_bytes), _bytes(t.budget_bytes), pct, t.rows, t.path])
-        _table(("TIER", "USED", "BUDGET", "USE", "ROWS", "PATH"), rows, out)
-    else:
-        out.write("no cache tiers reported\n")
-    sched = st.scheduler
-    if sched is not None:  # the memory-pressure scheduler's last sample and action
-        ratio = sched.get("last_ratio")
-        action = sched.get("last_action") or {}
-        out.write(
-            f"\nscheduler: enabled={sched.get('enabled')} source={sched.get('pressure_source')} "
-            f"ratio={'-' if ratio is None else f'{ratio:.3f}'} "
-            f"high={sched.get('high_watermark')} low={sched.get('low_watermark')} "
-            f"decision={sched.get('last_decision')} plans={sched.get('plans')} "
-            f"last_freed={action.get('bytes_freed', 0)}\n"
-        )
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    with _client(args) as c:
-        st = c.daemon_status()
-    _status_text(st, sys.stdout)
-    return EXIT_OK
-
-
 def cmd_counters(args: argparse.Namespace) -> int:
     with _client(args) as c:
         counters = c.counters()
@@ -339,6 +250,38 @@ def _timeout(text: str) -> float:
     return value
 
 
+def _connection_parser(
+    endpoint: argparse.ArgumentParser, *, multi: bool
+) -> argparse.ArgumentParser:
+    """``--timeout`` and the CURVE options over an ``--endpoint`` parser."""
+    conn = argparse.ArgumentParser(add_help=False, parents=[endpoint])
+    conn.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=None,
+        metavar="SECONDS",
+        help="give up after this many seconds (default: wait for the answer)",
+    )
+    conn.add_argument(
+        "--curve-server-key",
+        metavar="KEY",
+        action="append" if multi else "store",
+        help="tcp:// with CURVE: the server's public key (z85) or its .key file"
+        + (
+            " (repeatable: one for every tcp:// endpoint, in order, or one for all)"
+            if multi
+            else ""
+        ),
+    )
+    conn.add_argument(
+        "--curve-secret-key",
+        metavar="FILE",
+        help="tcp:// with CURVE: this client's .key_secret file (its public key must be "
+        "in the daemon's curve_authorized_dir)",
+    )
+    return conn
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="erllama",
@@ -353,25 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="the daemon's client endpoint (default: $ERLLAMA_ENDPOINT, "
         "else ipc://<run dir>/client.sock)",
     )
-    conn = argparse.ArgumentParser(add_help=False, parents=[endpoint])
-    conn.add_argument(
-        "--timeout",
-        type=_timeout,
-        default=None,
-        metavar="SECONDS",
-        help="give up after this many seconds (default: wait for the answer)",
+    conn = _connection_parser(endpoint, multi=False)
+    # status: --endpoint (and --curve-server-key) repeatable, one section per daemon
+    many = argparse.ArgumentParser(add_help=False)
+    many.add_argument(
+        "--endpoint",
+        action="append",
+        help="a daemon's client endpoint (repeatable: one section per daemon; default: "
+        "$ERLLAMA_ENDPOINT, else ipc://<run dir>/client.sock)",
     )
-    conn.add_argument(
-        "--curve-server-key",
-        metavar="KEY",
-        help="tcp:// with CURVE: the server's public key (z85) or its .key file",
-    )
-    conn.add_argument(
-        "--curve-secret-key",
-        metavar="FILE",
-        help="tcp:// with CURVE: this client's .key_secret file (its public key must be "
-        "in the daemon's curve_authorized_dir)",
-    )
+    conn_many = _connection_parser(many, multi=True)
 
     p = sub.add_parser("serve", help="run the daemon in the foreground", parents=[endpoint])
     p.add_argument("--config", "-c", help="TOML configuration (default: the bundled model)")
@@ -416,8 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat_cli.add_arguments(p)
     p.set_defaults(fn=cmd_chat)
 
-    p = sub.add_parser("status", help="models, phases, cache tiers and budgets", parents=[conn])
-    p.set_defaults(fn=cmd_status)
+    cli_status.add_parser(sub, conn_many, _client)
 
     p = sub.add_parser("counters", help="the cache counters", parents=[conn])
     p.set_defaults(fn=cmd_counters)

@@ -251,6 +251,19 @@ class HttpConfig(_Section, frozen=True):
     idle_timeout_s: float = 30.0  # a keep-alive connection idle this long is closed
     max_connections: int = 256  # beyond this, new connections are answered 503
     request_timeout_s: float | None = None  # None: a request waits as long as its model works
+    # Other daemons the gateway routes generation over beside its own router (the chooser of
+    # erllama/client/routing.py: the daemon warm for the request's prefix, failover when one is
+    # down or its queue is full): their client endpoints, tcp:// (their daemon.tcp_endpoint) or
+    # ipc:// on this host. Everything else (model lists, tokenizer, /metrics) stays local.
+    upstreams: list[str] = []
+    # CURVE for tcp:// upstreams: each one's server public key (z85 or its .key file) by
+    # endpoint, and this gateway's .key_secret file, whose public key each upstream must have
+    # in its curve_authorized_dir. A tcp:// upstream without a key must be on loopback (an
+    # upstream with insecure_loopback).
+    upstream_server_keys: dict[str, str] = {}
+    upstream_secret_key: str | None = None
+    routing_policy: Literal["prefix", "round_robin"] = "prefix"
+    upstream_connect_timeout_s: float = 2.0  # a dead upstream fails over after this long
 
 
 class Config(_Section, frozen=True):
@@ -437,6 +450,34 @@ def validate_http(http: HttpConfig) -> None:
             f"http.listen {http.listen} is not loopback: set http.api_keys_file (API keys), "
             "or listen on 127.0.0.1"
         )
+    validate_upstreams(http)
+
+
+def validate_upstreams(http: HttpConfig) -> None:
+    """``[http] upstreams``: ipc:// or tcp://host:port, CURVE keys off loopback."""
+    from erllama.protocol.auth import TcpConfigError, tcp_host
+
+    if len(set(http.upstreams)) != len(http.upstreams):
+        raise ConfigError("http.upstreams: each endpoint may appear once")
+    if unknown := sorted(set(http.upstream_server_keys) - set(http.upstreams)):
+        raise ConfigError(f"http.upstream_server_keys for endpoints not in upstreams: {unknown}")
+    if http.upstream_server_keys and not http.upstream_secret_key:
+        raise ConfigError("http.upstream_server_keys need http.upstream_secret_key")
+    if http.upstream_connect_timeout_s <= 0:
+        raise ConfigError("http.upstream_connect_timeout_s must be > 0")
+    for ep in http.upstreams:
+        if ep.startswith("ipc://"):
+            continue
+        try:
+            host = tcp_host(ep)
+        except TcpConfigError:
+            raise ConfigError(
+                f"http.upstreams: {ep!r} is not ipc://PATH or tcp://host:port"
+            ) from None
+        if ep not in http.upstream_server_keys and not is_loopback(host):
+            raise ConfigError(
+                f"http.upstreams: {ep} is not loopback: give its key in http.upstream_server_keys"
+            )
 
 
 def validate_watermarks(high: float, low: float) -> None:

@@ -9,6 +9,8 @@
   its path belongs to (``/v1/messages*``: Anthropic, ``/api/*``: Ollama, else OpenAI),
   with its status and ``Retry-After`` for 429/503. Nothing a client sends stops the process.
 * ``GET /health``: 200 ``{"status": "ok"}`` when the router answers, else 503.
+* ``[http] upstreams``: generation is routed over this daemon's router and those daemons
+  (``upstream_cluster``, an ``AsyncClusterClient``); the rest asks the local router.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from erllama.client import AsyncClient
+from erllama.client import AsyncClient, AsyncClusterClient, Timeout
 from erllama.config import HttpConfig
 from erllama.gateway.anthropic_api import Anthropic
 from erllama.gateway.common import ClientGoneError, Ctx
@@ -145,22 +147,44 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(ErrorCode.TOO_LARGE, f"the request body is over {limit} bytes")
 
 
+def upstream_cluster(http: HttpConfig, endpoint: str) -> AsyncClusterClient | None:
+    """The client routing generation over the local router at ``endpoint`` and
+    ``http.upstreams`` (None without upstreams)."""
+    if not http.upstreams:
+        return None
+    timeout = Timeout(request=http.request_timeout_s, connect=http.upstream_connect_timeout_s)
+    return AsyncClusterClient(
+        [endpoint, *http.upstreams],
+        timeout=timeout,
+        curve_server_keys=http.upstream_server_keys,
+        curve_secret_key=http.upstream_secret_key,
+        policy=http.routing_policy,
+    )
+
+
 def build_app(http: HttpConfig, endpoint: str, *, started: asyncio.Event | None = None) -> ASGIApp:
     """The gateway's ASGI application, a client of the router at ``endpoint``.
 
     Raises:
-        ValueError: ``api_keys_file`` is set and cannot be read.
+        ValueError: ``api_keys_file`` is set and cannot be read, or an upstream CURVE key
+            is malformed.
+        OSError: an upstream key file cannot be read.
     """
     keys = read_api_keys(http.api_keys_file) if http.api_keys_file else []
     client = AsyncClient(endpoint, timeout=http.request_timeout_s)
-    ctx = Ctx(client=client, metrics=Metrics())
+    cluster = upstream_cluster(http, endpoint)
+    ctx = Ctx(client=client, metrics=Metrics(), cluster=cluster)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with client:
-            if started is not None:
-                started.set()
-            yield
+            try:
+                if started is not None:
+                    started.set()
+                yield
+            finally:
+                if cluster is not None:
+                    await cluster.aclose()
 
     async def health(request: Request) -> Response:
         try:

@@ -2,7 +2,8 @@
 
 * ``decode_body(raw, T)``: a JSON body into a msgspec struct; a wrong type or a missing
   field is a 400 naming the field (``$.max_tokens``...).
-* ``Run``: one generation on the router (``AsyncClient.infer`` / ``stream``), either
+* ``Run``: one generation on the router (``AsyncClient.infer`` / ``stream``), or, with
+  ``[http] upstreams``, on the daemon the ``AsyncClusterClient`` picks; either
   collected (``collect``) or handed out event by event (``events``). A client that
   disconnects cancels it: streaming responses are cancelled by Starlette (the stream's
   ``async with`` sends the cancel); ``until_disconnect`` does the same for a response
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 import msgspec
 from starlette.requests import Request
 
-from erllama.client import AsyncClient, Event
+from erllama.client import AsyncClient, AsyncClusterClient, Event
 from erllama.gateway.errors import ApiError, bad
 from erllama.gateway.metrics import Metrics
 from erllama.protocol.errors import ErllamaError, ErrorCode
@@ -128,7 +129,7 @@ class Run:
 
     def __init__(
         self,
-        client: AsyncClient,
+        client: AsyncClient | AsyncClusterClient,
         model: str,
         *,
         prompt: str | None = None,
@@ -174,10 +175,15 @@ class Run:
 
 @dataclass
 class Ctx:
-    """What every handler uses: the router client and the metrics."""
+    """What every handler uses: the router client and the metrics.
+
+    ``cluster``: with ``[http] upstreams``, the client that routes generation over this
+    daemon's router and the upstreams (everything else asks ``client``, the local router).
+    """
 
     client: AsyncClient
     metrics: Metrics
+    cluster: AsyncClusterClient | None = None
 
     def run(
         self,
@@ -187,7 +193,8 @@ class Ctx:
         tokens: Sequence[int] | None = None,
         opts: GenOptions,
     ) -> Run:
-        return Run(self.client, model, prompt=prompt, tokens=tokens, opts=opts)
+        gen = self.cluster if self.cluster is not None else self.client
+        return Run(gen, model, prompt=prompt, tokens=tokens, opts=opts)
 
     def finished(self, api: str, run: Run, stats: Stats) -> None:
         self.metrics.observe(run.model, api, stats, run.ttft_s, run.gaps)

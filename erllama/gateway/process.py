@@ -3,6 +3,8 @@
 Sockets:
     connects  DEALER ``control.sock`` (identity = child id; Hello/Init/Ready, pings, Stop)
     connects  DEALER the router's ipc client endpoint (through ``AsyncClient``)
+    connects  with ``[http] upstreams``: a DEALER to the router and to each upstream
+              (through ``AsyncClusterClient``), for generation
     binds     TCP ``[http] listen`` (HTTP/1.1, uvicorn)
 
 Init: ``erllama.inits.GatewayInit``.
@@ -119,7 +121,7 @@ def _start(child: lifecycle.Child, cfg: GatewayInit) -> lifecycle.Started:
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         app = build_app(cfg.http, cfg.endpoint)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # api_keys_file, upstream CURVE keys
         sock.close()
         raise ErllamaError(str(exc), code=ErrorCode.BAD_REQUEST) from None
     serving = threading.Event()

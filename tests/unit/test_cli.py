@@ -321,3 +321,35 @@ def test_timeout_option(
     argv = ["complete", "silent", "x", "--timeout", "0.2"]
     code, _, err = run(capsys, *argv, "--endpoint", endpoint)
     assert code == 1 and err.startswith("error: timeout: ")
+
+
+def test_status_of_several_daemons(
+    capsys: pytest.CaptureFixture[str], router: FakeRouter, endpoint: str, tmp_path: Path
+) -> None:
+    router.handler.counter_values.update({"misses": 2, "remote_hits": 5, "remote_bytes": 9})
+    (tmp_path / "b").mkdir()
+    with short_dir(tmp_path / "b") as d, FakeRouter(f"ipc://{d / 'b.sock'}") as other:
+        code, out, _ = run(capsys, "status", "--endpoint", endpoint, "--endpoint", other.endpoint)
+        assert code == 0
+        sections = out.split("== ")[1:]
+        assert [s.splitlines()[0] for s in sections] == [endpoint, other.endpoint]
+        assert "cache: hits_exact=3 misses=2 remote_bytes=9 remote_hits=5\n" in sections[0]
+        assert "cache: hits_exact=3\n" in sections[1]
+        gone = f"ipc://{d / 'gone.sock'}"
+        code, out, _ = run(capsys, "status", "--endpoint", other.endpoint, "--endpoint", gone)
+    assert code == 1
+    assert f"== {gone}\nunreachable: daemon_unavailable: " in out
+    assert out.startswith(f"== {other.endpoint}\ndaemon pid 7")
+
+
+def test_status_curve_keys_pair_with_tcp_endpoints(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(
+        capsys,
+        "status",
+        "--endpoint", "tcp://127.0.0.1:1",
+        "--endpoint", "tcp://127.0.0.1:2",
+        "--curve-server-key", "a" * 40,
+        "--curve-server-key", "b" * 40,
+        "--curve-server-key", "c" * 40,
+    )  # fmt: skip
+    assert code == 1 and "3 --curve-server-key for 2 tcp:// endpoints" in err

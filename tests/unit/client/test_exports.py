@@ -13,6 +13,10 @@ pytestmark = pytest.mark.timeout(30)
 
 PUBLIC = {
     "AsyncClient",
+    "AsyncClusterClient",
+    "AsyncClusterStream",
+    "ClusterClient",
+    "ClusterStream",
     "AsyncStream",
     "CacheDelta",
     "CacheHit",
@@ -48,6 +52,10 @@ PUBLIC = {
 
 CLIENT_PUBLIC = {
     "AsyncClient",
+    "AsyncClusterClient",
+    "AsyncClusterStream",
+    "ClusterClient",
+    "ClusterStream",
     "AsyncStream",
     "Client",
     "ClientState",
@@ -148,6 +156,18 @@ def test_streams_are_twins() -> None:
     assert "aclose" in dir(erllama.AsyncStream)
     assert hasattr(erllama.Stream, "__iter__") and hasattr(erllama.Stream, "__enter__")
     assert hasattr(erllama.AsyncStream, "__aiter__") and hasattr(erllama.AsyncStream, "__aenter__")
+
+
+def test_cluster_clients_are_twins() -> None:
+    routed = {"complete", "stream", "infer"}
+    sync = _public_methods(erllama.ClusterClient)
+    aio = _public_methods(erllama.AsyncClusterClient)
+    assert sync - {"close"} == aio - {"aclose"} == routed
+    assert list(inspect.signature(erllama.ClusterClient).parameters) == list(
+        inspect.signature(erllama.AsyncClusterClient).parameters
+    )
+    for name in routed:
+        assert inspect.iscoroutinefunction(getattr(erllama.AsyncClusterClient, name)), name
 
 
 def test_constructor_signature() -> None:

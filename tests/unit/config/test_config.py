@@ -82,3 +82,39 @@ def test_effective_policy_merges_and_validates() -> None:
         effective_policy(PolicyConfig(), ModelSpec(id="m", policy={"cold_max_tokens": 1}))
     with pytest.raises(ConfigError):
         effective_policy(PolicyConfig(), ModelSpec(id="m", policy={"bogus": 1}))
+
+
+@pytest.mark.parametrize(
+    ("http", "needle"),
+    [
+        ("upstreams = ['tcp://10.0.0.2:7100']", "not loopback"),
+        ("upstreams = ['udp://x']", "ipc://PATH or tcp://host:port"),
+        ("upstreams = ['ipc:///a', 'ipc:///a']", "once"),
+        ("upstream_server_keys = { 'tcp://h:1' = 'k' }", "not in upstreams"),
+        (
+            "upstreams = ['tcp://10.0.0.2:7100']\n"
+            "upstream_server_keys = { 'tcp://10.0.0.2:7100' = 'b.key' }",
+            "upstream_secret_key",
+        ),
+        ("upstreams = ['ipc:///a']\nupstream_connect_timeout_s = 0", "connect_timeout"),
+        ("routing_policy = 'random'", "routing_policy"),
+    ],
+)
+def test_bad_upstreams_are_refused(tmp_path: Path, http: str, needle: str) -> None:
+    p = tmp_path / "erllama.toml"
+    p.write_text(f"[http]\n{http}\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert needle in str(ei.value)
+
+
+def test_upstreams_load(tmp_path: Path) -> None:
+    p = tmp_path / "erllama.toml"
+    p.write_text(
+        "[http]\nupstreams = ['tcp://127.0.0.1:7100', 'tcp://10.0.0.2:7100', 'ipc:///r/c.sock']\n"
+        "upstream_server_keys = { 'tcp://10.0.0.2:7100' = 'b.key' }\n"
+        "upstream_secret_key = 'me.key_secret'\nrouting_policy = 'round_robin'\n"
+    )
+    http = load_config(p).http
+    assert http.upstreams[1] == "tcp://10.0.0.2:7100" and http.routing_policy == "round_robin"
+    assert http.upstream_server_keys == {"tcp://10.0.0.2:7100": "b.key"}

@@ -51,7 +51,8 @@ def sample_for(t: mi.Type) -> Any:
     if isinstance(t, (mi.ListType, mi.VarTupleType, mi.SetType, mi.FrozenSetType)):
         return [sample_for(t.item_type)]
     if isinstance(t, mi.DictType):
-        return {"a": 1}
+        value = sample_for(t.value_type)
+        return {"a": 1 if isinstance(t.value_type, mi.AnyType) else value}
     if isinstance(t, mi.StructType):
         return sample_struct(t.cls)
     if isinstance(t, mi.RawType):
