@@ -18,13 +18,22 @@ from pathlib import Path
 import pytest
 import redis
 
+from erllama.cache.client import MetaClient
 from erllama.cache.keys import make_key_packed
 from erllama.cache.kvc import KvcMeta
 from erllama.cache.remote import chunk_key, decode_manifest, manifest_key
 from erllama.cache.tiers import load_row, publish
-from erllama.cache.client import MetaClient
-from tests.support.cache import CTX, FP, NAMESPACE, QUANT, MetaEnv, kvc_meta, meta_env, packed
-from tests.support.cache import payload_for, wait_until
+from tests.support.cache import (
+    CTX,
+    NAMESPACE,
+    QUANT,
+    MetaEnv,
+    kvc_meta,
+    meta_env,
+    packed,
+    payload_for,
+    wait_until,
+)
 from tests.support.redis_server import RedisServer, redis_server
 
 pytestmark = pytest.mark.timeout(90)
