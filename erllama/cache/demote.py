@@ -27,9 +27,11 @@ import secrets
 import shutil
 import threading
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from erllama.cache.kvc import set_hit_count
 from erllama.cache.tiers import TierLayout, fsync_dir, validate_file
 
 log = logging.getLogger(__name__)
@@ -94,12 +96,14 @@ def copy_to_tier(layout: TierLayout, tier: str, key: bytes, src: str) -> str:
     return str(final)
 
 
-def place_row(layout: TierLayout, tier: str, key: bytes, data: bytes | bytearray) -> str:
-    """Write a verified row (the remote tier's fetch) to ``key``'s final name in ``tier``
-    the same way: ``O_EXCL`` temp, fdatasync on a durable tier, validation, link.
+def place_row(layout: TierLayout, tier: str, key: bytes, parts: Sequence[bytes]) -> str:
+    """Write a row fetched in ``parts`` (the remote tier) to ``key``'s final name in
+    ``tier`` the same way: ``O_EXCL`` temp, hit count zeroed (hits are per daemon),
+    fdatasync on a durable tier, full validation (CRC32C, key replay), link.
 
     Raises:
-        OSError, KvcError: the write failed (nothing is left behind).
+        OSError: the write failed; KvcError: the row does not validate (nothing is left
+            behind either way).
     """
     root = layout.path(tier)
     final = layout.final_path(tier, key)
@@ -108,8 +112,10 @@ def place_row(layout: TierLayout, tier: str, key: bytes, data: bytes | bytearray
     try:
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as fout:
-            fout.write(data)
+            for part in parts:
+                fout.write(part)
             fout.flush()
+            set_hit_count(fout.fileno(), 0)
             if durable:
                 os.fdatasync(fout.fileno())
         _link_validated(tmp, final, key)

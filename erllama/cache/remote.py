@@ -14,9 +14,10 @@ decision lives here, so it is unit-testable without a server:
   header bytes) from mixing chunks. The store's own eviction (maxmemory policy, the
   TTL every key gets) bounds it: a manifest whose chunk was evicted is a miss, and the
   fetcher deletes it.
-* **Verification on fetch** (``assemble``): every chunk present, of the manifest's
-  size, with its CRC32C; then the caller runs the KVC full validation (payload CRC and
-  key replay from the row's metadata) with the key it asked for. Rows are
+* **Verification on fetch** (``verify_chunks``): every chunk present, of the
+  manifest's size, with its CRC32C; the chunks are then written out as the row file
+  and that file gets the KVC full validation (payload CRC and key replay from the
+  row's metadata) with the key asked for, before it is linked into the tier. Rows are
   content-addressed by the cache key (fingerprint || quant || ctx hash || tokens), so
   a row of another model, quantisation or context never matches: its metadata does
   not re-derive the key.
@@ -135,8 +136,8 @@ def split_row(
     return Manifest(size=view.nbytes, chunk_bytes=chunk_bytes, gen=gen, crcs=crcs), chunks
 
 
-def assemble(m: Manifest, chunks: Sequence[bytes | None]) -> bytearray:
-    """The row file from its fetched chunks, each checked against the manifest.
+def verify_chunks(m: Manifest, chunks: Sequence[bytes | None]) -> list[bytes]:
+    """Check every fetched chunk against the manifest; the chunks, in order, to write out.
 
     Raises:
         RemoteRowError: ``missing_chunk`` (evicted or never written), ``truncated`` (a
@@ -144,8 +145,7 @@ def assemble(m: Manifest, chunks: Sequence[bytes | None]) -> bytearray:
     """
     if len(chunks) != m.n_chunks:
         raise RemoteRowError("missing_chunk", f"{len(chunks)} of {m.n_chunks} chunks")
-    out = bytearray(m.size)
-    at = 0
+    out: list[bytes] = []
     for i, chunk in enumerate(chunks):
         if chunk is None:
             raise RemoteRowError("missing_chunk", f"chunk {i} of {m.n_chunks}")
@@ -153,8 +153,7 @@ def assemble(m: Manifest, chunks: Sequence[bytes | None]) -> bytearray:
             raise RemoteRowError("truncated", f"chunk {i}: {len(chunk)} != {m.chunk_len(i)}")
         if crc32c(chunk) != m.crcs[i]:
             raise RemoteRowError("crc_mismatch", f"chunk {i}")
-        out[at : at + len(chunk)] = chunk
-        at += len(chunk)
+        out.append(chunk)
     return out
 
 

@@ -12,7 +12,6 @@ from erllama.cache.remote import (
     RemoteRowError,
     Upload,
     UploadQueue,
-    assemble,
     chunk_key,
     decode_manifest,
     encode_manifest,
@@ -20,6 +19,7 @@ from erllama.cache.remote import (
     n_chunks_for,
     probe_plan,
     split_row,
+    verify_chunks,
 )
 
 GEN = bytes(range(8))
@@ -32,7 +32,7 @@ def test_split_and_assemble_round_trip(blob: bytes, chunk: int) -> None:
     assert m.n_chunks == n_chunks_for(len(blob), chunk) == len(parts)
     assert all(len(p) == m.chunk_len(i) for i, p in enumerate(parts))
     assert decode_manifest(encode_manifest(m)) == m
-    assert bytes(assemble(m, [bytes(p) for p in parts])) == blob
+    assert b"".join(verify_chunks(m, [bytes(p) for p in parts])) == blob
 
 
 def test_chunks_are_views_not_copies() -> None:
@@ -60,7 +60,7 @@ def test_a_corrupted_chunk_is_a_crc_mismatch() -> None:
     bad[0] ^= 1
     parts[2] = bytes(bad)
     with pytest.raises(RemoteRowError) as exc:
-        assemble(m, parts)
+        verify_chunks(m, parts)
     assert exc.value.code == "crc_mismatch"
 
 
@@ -68,22 +68,22 @@ def test_a_truncated_chunk_is_refused() -> None:
     m, parts = _parts(b"abcdefghij" * 10, 16)
     parts[1] = (parts[1] or b"")[:-1]
     with pytest.raises(RemoteRowError) as exc:
-        assemble(m, parts)
+        verify_chunks(m, parts)
     assert exc.value.code == "truncated"
     m, parts = _parts(b"abcdefghij" * 10, 16)
     parts[-1] = (parts[-1] or b"") + b"!"
     with pytest.raises(RemoteRowError, match="truncated"):
-        assemble(m, parts)
+        verify_chunks(m, parts)
 
 
 def test_a_missing_chunk_is_a_miss_code() -> None:
     m, parts = _parts(b"abcdefghij" * 10, 16)
     parts[0] = None
     with pytest.raises(RemoteRowError) as exc:
-        assemble(m, parts)
+        verify_chunks(m, parts)
     assert exc.value.code == "missing_chunk"
     with pytest.raises(RemoteRowError, match="missing_chunk"):
-        assemble(m, parts[:-1])
+        verify_chunks(m, parts[:-1])
 
 
 @pytest.mark.parametrize(
