@@ -300,10 +300,27 @@ def _status_text(st: DaemonStatus, out: TextIO) -> None:
         )
 
 
+REMOTE_STATUS_COUNTERS = ("remote_hits", "remote_misses", "remote_errors", "remote_skipped",
+                          "remote_corrupt", "remote_uploads", "remote_bytes_up",
+                          "remote_bytes_down")  # fmt: skip
+
+
+def _remote_text(counters: dict[str, int], out: TextIO) -> None:
+    """One line of the shared remote tier's counters (under the tier table)."""
+    fields = " ".join(
+        f"{n.removeprefix('remote_')}={counters.get(n, 0)}" for n in REMOTE_STATUS_COUNTERS
+    )
+    fetch_ms = counters.get("remote_fetch_ns", 0) / 1e6
+    out.write(f"\nremote tier: {fields} fetch_ms={fetch_ms:.1f}\n")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as c:
         st = c.daemon_status()
+        counters = c.counters() if any(t.name == "remote" for t in st.tiers) else None
     _status_text(st, sys.stdout)
+    if counters is not None:
+        _remote_text(counters, sys.stdout)
     return EXIT_OK
 
 

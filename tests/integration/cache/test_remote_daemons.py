@@ -9,6 +9,8 @@ show the remote tier.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -81,6 +83,12 @@ def test_a_prompt_warmed_on_a_is_a_warm_hit_on_b(
 
     tiers = {t.name: t for t in cb.daemon_status().tiers}
     assert tiers["remote"].path == redis_server.url and tiers["ram"].rows >= 1
+    status = subprocess.run(
+        [sys.executable, "-m", "erllama", "status", "--endpoint", b.endpoint, "--timeout", "10"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    assert redis_server.url in status
+    assert "remote tier: hits=1 misses=0 errors=0" in status
     text = httpx.get(f"{b.http_url()}/metrics").text
     assert "erllama_remote_hits 1.0" in text
     assert "erllama_remote_errors 0.0" in text
