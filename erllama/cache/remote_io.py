@@ -344,7 +344,7 @@ class RemoteIO:
                         if self._stopping:
                             return
                     continue
-                job = self._next_upload(max(0.0, next_stats - now) if next_stats else 0.0)
+                job = self._next_upload(max(0.0, next_stats - now))  # 0: stats are due
                 with self._cv:
                     if self._stopping:
                         return
@@ -374,6 +374,7 @@ class RemoteIO:
                 attempts.pop(job.key, None)
                 if breaker.ok():
                     done.state = "up"
+                    attempts.clear()  # keys the queue bounds dropped meanwhile
                 self._report(done)
                 next_stats = 0.0 if done.status == "uploaded" else next_stats
         finally:

@@ -212,3 +212,30 @@ def test_the_store_killed_and_restarted_mid_traffic(
     got = cb.counters()
     assert got["remote_reconnects"] >= 1 and got["remote_hits"] == 1
     assert got["remote_corrupt"] == 0
+
+
+def test_a_slow_store_is_a_miss_within_the_deadline(
+    pair: tuple[MetaEnv, MetaEnv], redis_server: RedisServer
+) -> None:
+    a, b = pair
+    ca, cb = a.client(), b.client()
+    save(a, ca, ROW_TOKENS)
+    uploaded(ca, 1)
+    r = store(redis_server)
+    r.client_pause(1500)  # every other client's commands stall: past timeout_ms (200)
+    t0 = time.monotonic()
+    assert cb.longest_prefix_checkout(NAMESPACE, packed(ROW_TOKENS), min_len=1) is None
+    assert time.monotonic() - t0 < 1.0
+    assert cb.counters()["remote_errors"] == 1
+    r.client_unpause()
+    r.close()
+
+    def b_hits() -> bool:
+        found = cb.longest_prefix_checkout(NAMESPACE, packed(ROW_TOKENS), min_len=1)
+        if found is None:
+            return False
+        cb.checkin(found[1].pin_ref)
+        return True
+
+    wait_until(b_hits, 30, "B reconnected and served the row")
+    assert cb.counters()["remote_reconnects"] == 1
