@@ -402,7 +402,10 @@ def _start(child: lifecycle.Child, init: MetaInit) -> lifecycle.Started:
     rows = server.scan()
     remote = remote_tier(init.cache)
     if remote is not None:
-        server.start_remote(remote)
+        try:
+            server.start_remote(remote)
+        except ImportError as exc:  # redis-py is a dependency; a broken install says so
+            raise child.bad_config(exc) from None
         child.on_exit(server.stop_remote)
     log.info("event=ready rows=%d tiers=%s", rows, ",".join(layout.tiers))
 

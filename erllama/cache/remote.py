@@ -29,6 +29,9 @@ decision lives here, so it is unit-testable without a server:
   that long is the least likely to be asked for).
 * **Breaker** (``Breaker``): after a failed call the store is ``down``; lookups skip
   it (a miss at once) until the back-off passes, then one lookup tries it again.
+* **Hand-off values** (``LookupJob``, ``LookupDone``, ``UploadDone``) between meta's
+  loop and ``remote_io``'s threads, here so that meta needs the redis client only
+  when a remote tier is configured.
 
 Alternatives turned down: one key per row (a 40 MB value blocks a single-threaded
 store for its transfer, and ``proto-max-bulk-len`` caps it), a Redis hash per row
@@ -42,9 +45,10 @@ from __future__ import annotations
 import struct
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
-from erllama.cache.kvc import crc32c
+from erllama.cache.kvc import KvcMeta, crc32c
 
 MANIFEST_MAGIC = b"ERLR"
 MANIFEST_VERSION = 1
@@ -103,7 +107,7 @@ def encode_manifest(m: Manifest) -> bytes:
 
 
 def decode_manifest(raw: bytes) -> Manifest:
-    """Parse and check a manifest (its shape only; the chunks are checked by ``assemble``).
+    """Parse and check a manifest (its shape only; the chunks by ``verify_chunks``).
 
     Raises:
         RemoteRowError: ``bad_manifest``.
@@ -284,3 +288,38 @@ class Breaker:
         self.down = False
         self._backoff = 0.0
         return changed
+
+
+# ================================================================ hand-off (remote_io -> meta)
+@dataclass(slots=True)
+class LookupJob:
+    waiter: int
+    keys: list[bytes]  # longest prefix first
+    deadline: float  # monotonic seconds: try no further candidate after it
+
+
+@dataclass(slots=True)
+class LookupDone:
+    """``key`` set: the row was fetched, verified and placed at ``path`` (a hit)."""
+
+    waiter: int
+    key: bytes | None = None
+    path: str = ""
+    size: int = 0
+    meta: KvcMeta | None = None
+    bytes_down: int = 0
+    fetch_ns: int = 0
+    error: str = ""  # the store did not answer
+    dropped: list[tuple[bytes, str]] = field(default_factory=list)  # (key, code) bad rows
+
+
+@dataclass(slots=True)
+class UploadDone:
+    key: bytes
+    status: Literal["uploaded", "present", "gone", "failed", "dropped"]
+    bytes_up: int = 0
+    error: str = ""
+    state: Literal["", "down", "up"] = ""  # the uploader's view of the store changed
+
+
+Done = LookupDone | UploadDone

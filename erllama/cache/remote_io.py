@@ -38,7 +38,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -47,12 +46,16 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from erllama.cache.demote import place_row
-from erllama.cache.kvc import KvcError, KvcMeta, read_metadata
+from erllama.cache.kvc import KvcError, read_metadata
 from erllama.cache.remote import (
     Breaker,
+    Done,
+    LookupDone,
+    LookupJob,
     Manifest,
     RemoteRowError,
     Upload,
+    UploadDone,
     UploadQueue,
     chunk_key,
     decode_manifest,
@@ -98,7 +101,9 @@ class Store:
             "socket_connect_timeout": timeout,
             "retry": Retry(NoBackoff(), 0),  # the breaker paces reconnects, not the client
             "health_check_interval": 0,
-            "single_connection_client": True,
+            # a pool, not single_connection_client: that connects in the constructor, and a
+            # store down when meta starts must be a miss, not a dead thread
+            "max_connections": 1,
             "client_name": "erllama",
             "socket_read_size": SOCKET_READ_BYTES,
         }
@@ -113,13 +118,16 @@ class Store:
         try:
             return op()
         except redis.RedisError as exc:
-            with contextlib.suppress(Exception):
-                self._r.close()  # a half-read reply must never meet the next request
+            self._drop()  # a half-read reply must never meet the next request
             raise RemoteUnavailable(f"{type(exc).__name__}: {exc}") from None
         except OSError as exc:
-            with contextlib.suppress(Exception):
-                self._r.close()
+            self._drop()
             raise RemoteUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+    def _drop(self) -> None:
+        """Close the connection; the next call makes a new one."""
+        with contextlib.suppress(Exception):
+            self._r.connection_pool.disconnect()
 
     def probe(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """The manifests of ``keys`` (None where absent), in one round trip."""
@@ -173,41 +181,6 @@ class Store:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._r.close()
-
-
-# ================================================================ results
-@dataclass(slots=True)
-class LookupJob:
-    waiter: int
-    keys: list[bytes]  # longest prefix first
-    deadline: float  # monotonic seconds: try no further candidate after it
-
-
-@dataclass(slots=True)
-class LookupDone:
-    """``key`` set: the row was fetched, verified and placed at ``path`` (a hit)."""
-
-    waiter: int
-    key: bytes | None = None
-    path: str = ""
-    size: int = 0
-    meta: KvcMeta | None = None
-    bytes_down: int = 0
-    fetch_ns: int = 0
-    error: str = ""  # the store did not answer
-    dropped: list[tuple[bytes, str]] = field(default_factory=list)  # (key, code) bad rows
-
-
-@dataclass(slots=True)
-class UploadDone:
-    key: bytes
-    status: Literal["uploaded", "present", "gone", "failed", "dropped"]
-    bytes_up: int = 0
-    error: str = ""
-    state: Literal["", "down", "up"] = ""  # the uploader's view of the store changed
-
-
-Done = LookupDone | UploadDone
 
 
 class RemoteIO:

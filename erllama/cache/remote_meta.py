@@ -32,18 +32,20 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from erllama.cache.keys import KvcError, PrefixHasher
 from erllama.cache.ledger import Ledger
-from erllama.cache.remote import Breaker, Upload, probe_plan
-from erllama.cache.remote_io import LookupDone, LookupJob, RemoteIO, UploadDone
+from erllama.cache.remote import Breaker, LookupDone, LookupJob, Upload, UploadDone, probe_plan
 from erllama.cache.rows import Effects, row_data
 from erllama.cache.tiers import TierLayout
 from erllama.config import CacheConfig, TierConfig
 from erllama.protocol.codec import reply
 from erllama.protocol.messages import Msg, TierUsage
 from erllama.protocol.meta_messages import LongestPrefixCheckout
+
+if TYPE_CHECKING:
+    from erllama.cache.remote_io import RemoteIO
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,9 @@ class RemoteMeta:
     # ------------------------------------------------------------ start / stop
     def start_remote(self, tier: TierConfig) -> None:
         """Start the threads (they connect lazily: a store that is down is not an error)."""
+        # imported here: the redis client is needed only by a daemon with a remote tier
+        from erllama.cache.remote_io import RemoteIO
+
         promote = "ram" if "ram" in self.layout.budgets else self.layout.tiers[0]
         self.remote_cfg = tier
         self.remote = RemoteIO(tier, self.layout, promote)

@@ -239,3 +239,28 @@ def test_a_slow_store_is_a_miss_within_the_deadline(
 
     wait_until(b_hits, 30, "B reconnected and served the row")
     assert cb.counters()["remote_reconnects"] == 1
+
+
+def test_a_store_down_when_meta_starts_is_found_later(
+    tmp_path: Path, pair: tuple[MetaEnv, MetaEnv], redis_server: RedisServer
+) -> None:
+    a, _ = pair
+    ca = a.client()
+    redis_server.kill()
+    (tmp_path / "c").mkdir()
+    with meta_env(tmp_path / "c", tiers=("ram",), remote=remote_cfg(redis_server)) as c_env:
+        cc = c_env.client()
+        assert cc.longest_prefix_checkout(NAMESPACE, packed(ROW_TOKENS), min_len=1) is None
+        assert cc.counters()["remote_errors"] == 1
+        redis_server.start()
+        save(a, ca, ROW_TOKENS)
+        wait_until(lambda: ca.counters()["remote_uploads"] >= 1, 30, "the upload")
+
+        def c_hits() -> bool:
+            found = cc.longest_prefix_checkout(NAMESPACE, packed(ROW_TOKENS), min_len=1)
+            if found is None:
+                return False
+            cc.checkin(found[1].pin_ref)
+            return True
+
+        wait_until(c_hits, 30, "C served from the store once it came up")
