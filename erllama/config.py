@@ -22,6 +22,11 @@ MIB = 1024**2
 
 QuantName = str
 TierName = Literal["ram", "ram_file", "disk"]
+TierConfigName = Literal["ram", "ram_file", "disk", "remote"]
+REMOTE_SCHEMES = ("redis", "rediss")
+REMOTE_LOOKUP_DEADLINE_MAX_MS = 900
+"""Under the worker's 1 s meta call timeout (workers/worker.py META_TIMEOUT_S): a parked
+remote lookup is answered before the worker gives up on meta."""
 
 
 class ConfigError(ValueError):
@@ -165,9 +170,26 @@ class ModelSpec(_Section, frozen=True):
 
 
 class TierConfig(_Section, frozen=True):
-    name: TierName
-    path: str | None = None  # ram: /dev/shm/erllama-<daemon id>; others: required
-    budget_bytes: int = 1 * GIB
+    name: TierConfigName
+    path: str | None = None  # ram: /dev/shm/erllama-<daemon id>; ram_file, disk: required
+    budget_bytes: int = 1 * GIB  # remote: unused (the store's maxmemory bounds it)
+    # The remote tier only (cache/remote.py): a Redis-protocol store (Valkey, Redis) that
+    # daemons share. redis://[:PASSWORD@]HOST[:PORT][/DB], or rediss:// for TLS.
+    url: str | None = None
+    password: str | None = None  # overrides the URL's password
+    timeout_ms: int = 50  # connect and socket timeout of every call to the store
+    # How long a local miss waits at most for the remote probe + fetch (then: a miss; a
+    # fetch still running lands in the ram tier for the next request).
+    lookup_deadline_ms: int = 750
+    ttl_s: int = 7 * 24 * 3600  # every key written gets this TTL; 0: none (maxmemory only)
+    # Rows are stored in chunks of this size. 4 MiB - 4 KiB, not 4 MiB: a value of exactly
+    # 4 MiB plus the store's string header lands in jemalloc's 5 MiB class (measured on
+    # redis 7.0: 1.31x the bytes; this size: 1.001x).
+    chunk_bytes: int = 4 * MIB - 4096
+    key_prefix: str = "erllama:v1:"
+    max_probe_keys: int = 16  # prefix keys asked for in a lookup's one round trip
+    upload_queue_rows: int = 256  # write-behind bounds; the oldest queued row goes first
+    upload_queue_bytes: int = 1 * GIB
 
 
 class CacheConfig(_Section, frozen=True):
@@ -493,6 +515,47 @@ def validate_watermarks(high: float, low: float) -> None:
         )
 
 
+def validate_remote_tier(t: TierConfig) -> None:
+    """Checks of the remote tier: a redis URL, positive deadlines and bounds.
+
+    Raises:
+        ConfigError: naming the field.
+    """
+    from urllib.parse import urlsplit
+
+    where = "cache.tiers[remote]"
+    if not t.url:
+        raise ConfigError(f"{where}.url is required (redis://HOST:PORT/DB)")
+    try:
+        parts = urlsplit(t.url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{where}.url {t.url!r}: {exc}") from None
+    if parts.scheme not in REMOTE_SCHEMES:
+        raise ConfigError(f"{where}.url must start with redis:// or rediss://, not {t.url!r}")
+    if not parts.hostname:
+        raise ConfigError(f"{where}.url {t.url!r} names no host")
+    if port is not None and port == 0:
+        raise ConfigError(f"{where}.url {t.url!r}: port 0")
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ConfigError(f"{where}.url {t.url!r}: the path must be a database number")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{where}.url {t.url!r}: no query or fragment (use the fields)")
+    if t.path is not None:
+        raise ConfigError(f"{where}.path: the remote tier has a url, not a path")
+    if t.timeout_ms <= 0:
+        raise ConfigError(f"{where}.timeout_ms must be > 0")
+    if not t.timeout_ms <= t.lookup_deadline_ms <= REMOTE_LOOKUP_DEADLINE_MAX_MS:
+        raise ConfigError(
+            f"{where}.lookup_deadline_ms must lie in timeout_ms..{REMOTE_LOOKUP_DEADLINE_MAX_MS}"
+        )
+    if t.ttl_s < 0 or t.chunk_bytes < 4096 or t.max_probe_keys < 1:
+        raise ConfigError(f"{where}: ttl_s >= 0, chunk_bytes >= 4096, max_probe_keys >= 1")
+    if t.upload_queue_rows < 1 or t.upload_queue_bytes < 1:
+        raise ConfigError(f"{where}: upload_queue_rows and upload_queue_bytes must be >= 1")
+
+
 def validate_config(cfg: Config) -> None:
     from erllama.protocol.auth import TcpConfigError, check_tcp_settings
 
@@ -506,8 +569,15 @@ def validate_config(cfg: Config) -> None:
     for t in cfg.cache.tiers:
         if t.budget_bytes < 0:
             raise ConfigError(f"cache.tiers[{t.name}].budget_bytes must be >= 0")
+        if t.name == "remote":
+            validate_remote_tier(t)
+            continue
+        if t.url is not None:
+            raise ConfigError(f"cache.tiers[{t.name}].url: only the remote tier has a url")
         if t.name != "ram" and not t.path:
             raise ConfigError(f"cache.tiers[{t.name}].path is required")
+    if names and all(n == "remote" for n in names):
+        raise ConfigError("cache.tiers: the remote tier needs a local tier beside it")
     validate_policy(cfg.cache.policy)
     if cfg.cache.evict_save_timeout_ms < 0:
         raise ConfigError("cache.evict_save_timeout_ms must be >= 0")

@@ -27,9 +27,11 @@ import secrets
 import shutil
 import threading
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from erllama.cache.kvc import set_hit_count
 from erllama.cache.tiers import TierLayout, fsync_dir, validate_file
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,19 @@ class DemoteJob:
     copied: dict[bytes, str | None] = field(default_factory=dict)
 
 
+def _link_validated(tmp: Path, final: Path, key: bytes) -> None:
+    """Validate ``tmp`` fully and link it to ``final`` (a valid file there already wins)."""
+    validate_file(tmp, key)  # token-exact: the copy must be the row, CRC included
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        try:
+            validate_file(final, key)  # a valid file of the key is there already: adopt
+        except Exception:
+            Path(final).unlink(missing_ok=True)
+            os.link(tmp, final)
+
+
 def copy_to_tier(layout: TierLayout, tier: str, key: bytes, src: str) -> str:
     """Copy the row file ``src`` to ``key``'s final name in ``tier``; returns that path.
 
@@ -73,15 +88,37 @@ def copy_to_tier(layout: TierLayout, tier: str, key: bytes, src: str) -> str:
                 fout.flush()
                 if durable:
                     os.fdatasync(fout.fileno())
-        validate_file(tmp, key)  # token-exact: the copy must be the row, CRC included
-        try:
-            os.link(tmp, final)
-        except FileExistsError:
-            try:
-                validate_file(final, key)  # a valid file of the key is there already: adopt
-            except Exception:
-                Path(final).unlink(missing_ok=True)
-                os.link(tmp, final)
+        _link_validated(tmp, final, key)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    if durable:
+        fsync_dir(root)
+    return str(final)
+
+
+def place_row(layout: TierLayout, tier: str, key: bytes, parts: Sequence[bytes]) -> str:
+    """Write a row fetched in ``parts`` (the remote tier) to ``key``'s final name in
+    ``tier`` the same way: ``O_EXCL`` temp, hit count zeroed (hits are per daemon),
+    fdatasync on a durable tier, full validation (CRC32C, key replay), link.
+
+    Raises:
+        OSError: the write failed; KvcError: the row does not validate (nothing is left
+            behind either way).
+    """
+    root = layout.path(tier)
+    final = layout.final_path(tier, key)
+    tmp = root / f"{final.name}.remote.{secrets.token_hex(6)}.tmp"
+    durable = layout.durable(tier)
+    try:
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as fout:
+            for part in parts:
+                fout.write(part)
+            fout.flush()
+            set_hit_count(fout.fileno(), 0)
+            if durable:
+                os.fdatasync(fout.fileno())
+        _link_validated(tmp, final, key)
     finally:
         Path(tmp).unlink(missing_ok=True)
     if durable:

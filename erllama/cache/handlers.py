@@ -20,9 +20,10 @@ from typing import Any, cast
 
 from erllama.cache.demote import DemoteJob, Victim
 from erllama.cache.keys import make_key_packed
-from erllama.cache.kvc import KvcError, KvcMeta
+from erllama.cache.kvc import KvcError
 from erllama.cache.ledger import Ledger
-from erllama.cache.rows import Effects, LedgerRow, RowData
+from erllama.cache.remote_meta import RemoteMeta
+from erllama.cache.rows import Effects, LedgerRow, RowData, row_data
 from erllama.cache.tiers import TierLayout, validate_file
 from erllama.protocol.errors import ConflictError, ErrorCode, InvalidRequestError
 from erllama.protocol.messages import Msg, TierUsage
@@ -70,16 +71,6 @@ Out = tuple[Any, int | None] | None
 MAX_RESERVE_ROUNDS = 4  # a stale reservation is resolved, then reserve runs again
 
 
-def row_data(meta: KvcMeta | RowInfo) -> RowData:
-    fingerprint = bytes(meta.fingerprint)
-    return RowData(
-        tokens=bytes(meta.tokens),
-        namespace=(fingerprint, meta.quant, bytes(meta.ctx_hash)),
-        save_reason=int(meta.save_reason),
-        hit_count=meta.hit_count,
-    )
-
-
 def to_row(row: LedgerRow) -> Row:
     return Row(
         key=row.key,
@@ -100,8 +91,11 @@ def _check_tokens(tokens: bytes) -> None:
         raise InvalidRequestError(f"token bytes length {len(tokens)} is not a multiple of 4")
 
 
-class RequestHandlers:
-    """The per-operation logic; the subclass provides the ledger, layout, apply and park."""
+class RequestHandlers(RemoteMeta):
+    """The per-operation logic; the subclass provides the ledger, layout, apply and park.
+
+    The remote tier's hooks (``remote_lookup``, ``remote_publish``, ``remote_usage``)
+    come from ``remote_meta.RemoteMeta`` and do nothing while no remote tier runs."""
 
     ledger: Ledger
     layout: TierLayout
@@ -165,6 +159,12 @@ class RequestHandlers:
 
     def op_longest_prefix_checkout(self, m: LongestPrefixCheckout) -> Out:
         _check_tokens(m.tokens)
+        if self.remote_lookup(m):  # parked: answered when the remote tier is done
+            return None
+        return self.local_prefix(m)
+
+    def local_prefix(self, m: LongestPrefixCheckout) -> tuple[PrefixResult, int | None]:
+        """The longest-prefix answer from the local index (pinned)."""
         t0 = time.perf_counter_ns()
         found = self.ledger.longest_prefix_checkout(
             (m.fingerprint, m.quant, m.ctx_hash), m.tokens, m.holder, min_len=m.min_len
@@ -228,8 +228,11 @@ class RequestHandlers:
         if res.stage != "post_link":
             raise InvalidRequestError("announce_saved before mark_published")
         self._size(res.path, m.size)
-        _, eff = self.ledger.announce(m.key, m.token, m.size, data)
+        path = res.path
+        status, eff = self.ledger.announce(m.key, m.token, m.size, data)
         self.apply(eff)
+        if status == "ok":
+            self.remote_publish(m.key, path, m.size)
         return None, None
 
     def op_cancel_reservation(self, m: CancelReservation) -> Out:
@@ -245,6 +248,8 @@ class RequestHandlers:
         if status == "conflict":
             raise ConflictError("the key is being written", code=ErrorCode.CONFLICT)
         self.apply(eff)
+        if status == "inserted":
+            self.remote_publish(m.key, m.path, m.size)
         return InsertResult(status=status), None
 
     # ------------------------------------------------------------ eviction, counters, stats
@@ -311,6 +316,7 @@ class RequestHandlers:
             )
             for t, u in self.ledger.tier_usage().items()
         ]
+        tiers += self.remote_usage()
         return TierStatsResult(tiers=tiers, scheduler=self.scheduler_status), None
 
 

@@ -174,6 +174,12 @@ class Ledger:
         self._counters["checkouts_parked"] += 1
         return CheckoutOutcome("parked", waiter=waiter)
 
+    def longest_prefix_len(self, ns: Namespace, tokens: bytes) -> int:
+        """The longest common prefix any available row shares with ``tokens`` (no pin)."""
+        trie = self._tries.get(ns)
+        found = None if trie is None else trie.longest_prefix_packed(tokens)
+        return 0 if found is None else found[0]
+
     def longest_prefix_checkout(
         self, ns: Namespace, tokens: bytes, holder: str, *, min_len: int = 1
     ) -> tuple[int, int, LedgerRow] | None:

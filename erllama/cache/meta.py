@@ -18,12 +18,16 @@ Start (in ``lifecycle.run``, which also does the handshake and the exit): bind
 meta.sock, scan every tier (ram included: it outlives a meta restart within a
 daemon's life), rebuild the index, send Ready.
 
-Loop: one thread, one ``zmq.Poller`` over meta.sock, the control socket and the
-signal wakeup fd (``lifecycle.Child.watch``); the poll timeout is the next deadline
-(reservation sweep every ``sweep_interval_s``, parked checkouts' expiry, the batched
-hit-count flush, D33). Requests are applied in arrival order, so the index needs no
-locks. Nothing a peer sends can leave the loop: bad input gets an ``ErrorReply``
-with a stable code and is counted in ``bad_requests``; a bug gets ``internal``.
+Loop: one thread, one ``zmq.Poller`` over meta.sock, the control socket, the
+signal wakeup fd (``lifecycle.Child.watch``) and the result pipes of the demoter and
+the remote tier's threads (``remote_meta``); the poll timeout is the next deadline
+(reservation sweep every ``sweep_interval_s``, parked checkouts' expiry, parked
+remote lookups' ``lookup_deadline_ms``, the batched hit-count flush, D33). With a
+remote tier configured meta also connects to the store (two connections, on the
+fetcher and uploader threads of ``remote_io``). Requests are applied in arrival
+order, so the index needs no locks. Nothing a peer sends can leave the loop: bad
+input gets an ``ErrorReply`` with a stable code and is counted in ``bad_requests``;
+a bug gets ``internal``.
 
 Stop: ``Stop`` on control, or SIGTERM/SIGINT (also the parent-death signal):
 answer parked checkouts with a miss, flush hit counts, close, exit 0.
@@ -44,10 +48,11 @@ import zmq
 
 from erllama import lifecycle
 from erllama.cache.demote import DemoteJob, Demoter
-from erllama.cache.handlers import RequestHandlers, row_data, to_row
+from erllama.cache.handlers import RequestHandlers, to_row
 from erllama.cache.kvc import set_hit_count
 from erllama.cache.ledger import Ledger
-from erllama.cache.rows import DeleteFile, Effects, RowData, Wake
+from erllama.cache.remote_meta import remote_tier
+from erllama.cache.rows import DeleteFile, Effects, RowData, Wake, row_data
 from erllama.cache.tiers import TierLayout, resolve_final, scan_tier
 from erllama.config import CacheConfig
 from erllama.inits import MetaInit
@@ -274,6 +279,7 @@ class MetaServer(RequestHandlers):
     def shutdown(self) -> None:
         for wake in self.ledger.drop_all_waiters():
             self._answer_wake(wake)
+        self.stop_remote()
         if self.demoter is not None:
             self.demoter.stop()
             self.finish_demotes()
@@ -292,6 +298,7 @@ class MetaServer(RequestHandlers):
         now = self.clock()
         for wake in self.ledger.expire_waiters():
             self._answer_wake(wake)
+        self.expire_remote()
         if now >= self._next_sweep:
             self._next_sweep = now + int(self.cfg.sweep_interval_s * NS)
             self.apply(self.ledger.sweep())
@@ -307,6 +314,9 @@ class MetaServer(RequestHandlers):
         waiter = self.ledger.next_waiter_deadline()
         if waiter is not None:
             deadlines.append(waiter)
+        remote = self.remote_deadline()
+        if remote is not None:
+            deadlines.append(remote)
         return max(0, (min(deadlines) - self.clock() + 999_999) // 1_000_000)
 
     # ------------------------------------------------------------ the loop
@@ -332,6 +342,9 @@ class MetaServer(RequestHandlers):
         poller.register(sock, zmq.POLLIN)
         child.watch(poller)
         demote_fd: int | None = None
+        remote_fd = None if self.remote is None else self.remote.fd
+        if remote_fd is not None:
+            poller.register(remote_fd, zmq.POLLIN)
         while True:
             if demote_fd is None and self.demoter is not None:
                 demote_fd = self.demoter.fd
@@ -339,6 +352,8 @@ class MetaServer(RequestHandlers):
             events = dict(poller.poll(self.timeout_ms()))
             if demote_fd is not None and events.get(demote_fd):
                 self.finish_demotes()
+            if remote_fd is not None and events.get(remote_fd):
+                self.finish_remote()
             if child.should_stop(events, self._on_control):
                 return 0
             if events.get(sock):
@@ -385,6 +400,13 @@ def _start(child: lifecycle.Child, init: MetaInit) -> lifecycle.Started:
     child.on_exit(sock.close, 100)
     server = MetaServer(init.cache, layout)
     rows = server.scan()
+    remote = remote_tier(init.cache)
+    if remote is not None:
+        try:
+            server.start_remote(remote)
+        except ImportError as exc:  # redis-py is a dependency; a broken install says so
+            raise child.bad_config(exc) from None
+        child.on_exit(server.stop_remote)
     log.info("event=ready rows=%d tiers=%s", rows, ",".join(layout.tiers))
 
     def loop() -> int:

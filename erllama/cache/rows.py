@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from erllama.cache.keys import Namespace
+from erllama.cache.kvc import KvcMeta
+from erllama.protocol.meta_messages import RowInfo
 
 NS_PER_S = 1_000_000_000
 BUDGET_LOW_WATER = 0.9  # evict down to 90% of a tier's budget (R: D8)
@@ -63,6 +65,21 @@ COUNTER_NAMES: tuple[str, ...] = (
     # keep_alive (router/keepalive.py)
     "keep_alive_unloads",  # a model's keep_alive ran out: its worker stopped, model kept
     "models_reloaded",  # a request woke a sleeping model (its worker started again)
+    # the shared remote tier (cache/remote.py); the store down is a miss, never an error
+    "remote_probes",  # lookups sent to the store (one pipelined round trip each)
+    "remote_hits",  # rows fetched, verified and promoted into the local tier
+    "remote_misses",  # lookups that found no usable row (absent, evicted, dropped, late)
+    "remote_errors",  # calls the store did not answer (down, refused, past timeout_ms)
+    "remote_skipped",  # lookups not sent because the store was marked down (back-off)
+    "remote_corrupt",  # remote rows that failed verification (dropped from the store)
+    "remote_late",  # lookups answered locally at lookup_deadline_ms (the fetch lands later)
+    "remote_bytes_up",
+    "remote_bytes_down",
+    "remote_fetch_ns",  # time of the lookups (probe + fetch + verify + write), summed
+    "remote_uploads",  # rows copied to the store
+    "remote_uploads_present",  # rows the store had already (another daemon's)
+    "remote_uploads_dropped",  # rows never copied (queue bounds, store down too long)
+    "remote_reconnects",  # the store answered again after being marked down
 )
 GAUGES: dict[str, str] = {"bytes_ram": "ram", "bytes_ramfile": "ram_file", "bytes_disk": "disk"}
 """Counters that are current byte usage of a tier (D21): never added to, never reset."""
@@ -84,6 +101,17 @@ class RowData:
     namespace: Namespace | None
     save_reason: int = 0
     hit_count: int = 0
+
+
+def row_data(meta: KvcMeta | RowInfo) -> RowData:
+    """The index's view of a file's (or a publish message's) metadata."""
+    fingerprint = bytes(meta.fingerprint)
+    return RowData(
+        tokens=bytes(meta.tokens),
+        namespace=(fingerprint, meta.quant, bytes(meta.ctx_hash)),
+        save_reason=int(meta.save_reason),
+        hit_count=meta.hit_count,
+    )
 
 
 @dataclass(slots=True)

@@ -4,7 +4,8 @@ No sockets of its own: ``publish`` talks to meta through a ``MetaClient`` the
 caller owns (one per thread).
 
 * ``TierLayout``: ``ram`` = ``/dev/shm/erllama-<daemon_id>/`` unless the tier
-  config names a path; ``ram_file`` and ``disk`` = their configured paths.
+  config names a path; ``ram_file`` and ``disk`` = their configured paths (the
+  ``remote`` tier is no directory and is left out: ``cache.remote_io``).
   Only ``disk`` is durable (fdatasync of the file, fsync of the directory).
 * ``publish``: the writer side of REFERENCE §5 steps 3-8: reserve -> temp file
   ``<hex>.kvc.<writer-id>.<unique>.tmp`` (``O_CREAT|O_EXCL|O_WRONLY``) written
@@ -70,6 +71,8 @@ class TierLayout:
         self._paths: dict[str, Path] = {}
         self.budgets: dict[str, int] = {}
         for t in tiers:
+            if t.name == "remote":  # not a directory: cache/remote_io.py owns it
+                continue
             if t.name in self._paths:
                 raise ValueError(f"tier {t.name} configured twice")
             if t.path:

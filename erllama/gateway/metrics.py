@@ -11,6 +11,10 @@ Two sources:
   ``queue_depth``): per model ready, restarts, queue depth, sequences in use; per tier
   bytes, budget and rows. A scrape the router cannot answer leaves these out and sets
   ``erllama_router_up`` to 0.
+* The shared remote tier's counters, read from the router (``counters``) at each scrape:
+  ``erllama_remote_hits``, ``_misses``, ``_errors``, ``_bytes_up``, ``_bytes_down``,
+  ``_fetch_seconds`` and the rest of ``REMOTE_COUNTERS`` (totals since the daemon
+  started; a daemon without a remote tier reports zeros).
 """
 
 from __future__ import annotations
@@ -26,6 +30,20 @@ from erllama.protocol.messages import Stats
 SCRAPE_TIMEOUT_S = 2.0
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
+REMOTE_COUNTERS: dict[str, str] = {
+    # meta counter (cache/rows.py) -> help text; exported as erllama_<name>
+    "remote_hits": "Rows fetched from the remote tier, verified and promoted to ram",
+    "remote_misses": "Remote lookups that found no usable row",
+    "remote_errors": "Calls the remote store did not answer (down, refused, too slow)",
+    "remote_skipped": "Remote lookups skipped while the store was marked down",
+    "remote_corrupt": "Remote rows that failed verification (dropped from the store)",
+    "remote_late": "Remote lookups answered locally at their deadline",
+    "remote_bytes_up": "Bytes copied to the remote tier",
+    "remote_bytes_down": "Bytes fetched from the remote tier",
+    "remote_uploads": "Rows copied to the remote tier",
+    "remote_uploads_dropped": "Rows never copied to the remote tier (queue bounds, outage)",
+    "remote_reconnects": "Times the remote store answered again after an outage",
+}
 
 
 class Metrics:
@@ -85,6 +103,15 @@ class Metrics:
             "erllama_tier_budget_bytes", "Budget of a cache tier", ["tier"], registry=r
         )
         self.tier_rows = Gauge("erllama_tier_rows", "Rows in a cache tier", ["tier"], registry=r)
+        self.remote = {
+            name: Gauge(f"erllama_{name}", text, registry=r)
+            for name, text in REMOTE_COUNTERS.items()
+        }
+        self.remote_fetch = Gauge(
+            "erllama_remote_fetch_seconds",
+            "Time spent in remote lookups (probe, fetch, verify, write), summed",
+            registry=r,
+        )
 
     def outcome(self, model: str, api: str, outcome: str) -> None:
         self.requests.labels(model, api, outcome).inc()
@@ -108,6 +135,7 @@ class Metrics:
         """The text exposition, after reading the daemon's state from the router."""
         try:
             status = await asyncio.wait_for(client.daemon_status(), SCRAPE_TIMEOUT_S)
+            counters = await asyncio.wait_for(client.counters(), SCRAPE_TIMEOUT_S)
             depths = {
                 m.id: await asyncio.wait_for(client.queue_depth(m.id), SCRAPE_TIMEOUT_S)
                 for m in status.models
@@ -127,4 +155,7 @@ class Metrics:
                 self.tier_bytes.labels(t.name).set(t.used_bytes)
                 self.tier_budget.labels(t.name).set(t.budget_bytes)
                 self.tier_rows.labels(t.name).set(t.rows)
+            for name, gauge in self.remote.items():
+                gauge.set(counters.get(name, 0))
+            self.remote_fetch.set(counters.get("remote_fetch_ns", 0) / 1e9)
         return generate_latest(self.registry)

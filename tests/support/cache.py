@@ -78,19 +78,18 @@ def wait_until(pred: Callable[[], bool], timeout_s: float = 10.0, what: str = "c
 
 
 def meta_config(
-    tiers: dict[str, Path], budgets: dict[str, int] | None = None, **cache: Any
+    tiers: dict[str, Path],
+    budgets: dict[str, int] | None = None,
+    remote: dict[str, Any] | None = None,
+    **cache: Any,
 ) -> dict[str, Any]:
     budgets = budgets or {}
-    return {
-        "cache": {
-            "tiers": [
-                {"name": name, "path": str(path), "budget_bytes": budgets.get(name, 1 << 30)}
-                for name, path in tiers.items()
-            ],
-            **cache,
-        },
-        "daemon_id": "test",
-    }
+    local: list[dict[str, Any]] = [
+        {"name": name, "path": str(path), "budget_bytes": budgets.get(name, 1 << 30)}
+        for name, path in tiers.items()
+    ]
+    extra = [] if remote is None else [{"name": "remote", **remote}]
+    return {"cache": {"tiers": local + extra, **cache}, "daemon_id": "test"}
 
 
 @dataclass
@@ -138,13 +137,15 @@ def meta_env(
     tmp_path: Path,
     tiers: tuple[str, ...] = ("ram", "ram_file", "disk"),
     budgets: dict[str, int] | None = None,
+    remote: dict[str, Any] | None = None,
     **cache: Any,
 ) -> Iterator[MetaEnv]:
+    """``remote``: the remote tier's fields (``url`` ...), added after the local tiers."""
     run_dir = tmp_path / "run"
     tier_dirs = {name: tmp_path / f"tier-{name}" for name in tiers}
     for d in tier_dirs.values():
         d.mkdir(parents=True, exist_ok=True)
-    config = meta_config(tier_dirs, budgets, **cache)
+    config = meta_config(tier_dirs, budgets, remote, **cache)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     root = FakeRoot(run_dir)
     env = MetaEnv(root, run_dir, tier_dirs, config, ctx)

@@ -1,0 +1,364 @@
+"""The remote tier's IO: the redis client (the only module that imports ``redis``) and its threads.
+
+Owned by the meta process (``remote_meta``). Two threads, each with its own
+connection, so an upload never delays a lookup a worker waits on:
+
+* **fetcher**: runs ``LookupJob``s: one pipelined ``GET`` of the candidate manifests
+  (longest prefix first), then the chunks of the first one present; checks them
+  (``remote.verify_chunks``), writes them as the row file into the promotion tier's
+  directory (``demote.place_row``: temp file, KVC full validation with the key asked
+  for, link to the key's final name) and reports ``LookupDone``. A row that fails verification
+  is deleted from the store, reported, and the next candidate is tried.
+* **uploader**: drains the write-behind ``remote.UploadQueue``: reads a published
+  file, skips it when the store has the row already (``EXISTS`` on the manifest),
+  else writes its chunks and then its manifest in one pipeline, each with the TTL.
+  A store that does not answer puts the row back at the head and waits out a
+  back-off (``remote.Breaker``); the queue's bounds drop the oldest rows meanwhile.
+  When idle it reads ``INFO memory`` for ``status``.
+
+Results go back to meta's loop as ``LookupDone`` / ``UploadDone`` in a deque plus a
+byte on a pipe (``fd``), as ``demote.Demoter`` does; the loop owns every counter and
+the index. Every redis error (refused, reset, timeout, protocol) becomes
+``RemoteUnavailable`` at one boundary (``Store._call``); the connection is dropped
+and made again by the next call.
+
+Deadlines: ``timeout_ms`` is both the connect and the socket timeout of every call,
+so a store that is down or stalls costs at most that per call; the loop answers a
+parked lookup by its own deadline whatever the fetcher is doing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from erllama.cache.demote import place_row
+from erllama.cache.kvc import KvcError, read_metadata
+from erllama.cache.remote import (
+    Breaker,
+    Done,
+    LookupDone,
+    LookupJob,
+    Manifest,
+    RemoteRowError,
+    Upload,
+    UploadDone,
+    UploadQueue,
+    chunk_key,
+    decode_manifest,
+    encode_manifest,
+    manifest_key,
+    split_row,
+    verify_chunks,
+)
+from erllama.cache.tiers import TierLayout
+from erllama.config import TierConfig
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+JOIN_TIMEOUT_S = 5.0
+STATS_INTERVAL_S = 10.0
+MAX_UPLOAD_ATTEMPTS = 3
+SOCKET_READ_BYTES = 1 << 20  # 38 MB rows: ~1.3x faster than redis-py's 64 KiB reads
+
+
+class RemoteUnavailable(Exception):  # noqa: N818 - mirrors cache.client.MetaUnavailable
+    """The store did not answer (down, refused, slow past ``timeout_ms``, or an error)."""
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for logs and ``status``)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Store:
+    """One connection to the store and the row operations on it (one thread uses it)."""
+
+    def __init__(self, cfg: TierConfig) -> None:
+        assert cfg.url is not None
+        timeout = cfg.timeout_ms / 1000
+        kwargs: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0),  # the breaker paces reconnects, not the client
+            "health_check_interval": 0,
+            # a pool, not single_connection_client: that connects in the constructor, and a
+            # store down when meta starts must be a miss, not a dead thread
+            "max_connections": 1,
+            "client_name": "erllama",
+            "socket_read_size": SOCKET_READ_BYTES,
+        }
+        if cfg.password:
+            kwargs["password"] = cfg.password
+        self._r: redis.Redis = redis.Redis.from_url(cfg.url, **kwargs)
+        self.prefix = cfg.key_prefix
+        self.ttl_s = cfg.ttl_s
+        self.chunk_bytes = cfg.chunk_bytes
+
+    def _call(self, op: Callable[[], T]) -> T:
+        try:
+            return op()
+        except redis.RedisError as exc:
+            self._drop()  # a half-read reply must never meet the next request
+            raise RemoteUnavailable(f"{type(exc).__name__}: {exc}") from None
+        except OSError as exc:
+            self._drop()
+            raise RemoteUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+    def _drop(self) -> None:
+        """Close the connection; the next call makes a new one."""
+        with contextlib.suppress(Exception):
+            self._r.connection_pool.disconnect()
+
+    def probe(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """The manifests of ``keys`` (None where absent), in one round trip."""
+
+        def op() -> list[bytes | None]:
+            pipe = self._r.pipeline(transaction=False)
+            for k in keys:
+                pipe.get(manifest_key(self.prefix, k))
+            return list(pipe.execute())
+
+        return self._call(op)
+
+    def chunks(self, key: bytes, m: Manifest) -> list[bytes | None]:
+        def op() -> list[bytes | None]:
+            pipe = self._r.pipeline(transaction=False)
+            for i in range(m.n_chunks):
+                pipe.get(chunk_key(self.prefix, key, m.gen, i))
+            return list(pipe.execute())
+
+        return self._call(op)
+
+    def exists(self, key: bytes) -> bool:
+        return bool(self._call(lambda: self._r.exists(manifest_key(self.prefix, key))))
+
+    def put(self, key: bytes, blob: bytes | memoryview) -> int:
+        """Chunks first, the manifest last, one pipeline; the bytes sent."""
+        manifest, parts = split_row(blob, self.chunk_bytes, secrets.token_bytes(8))
+        ex = self.ttl_s or None
+
+        def op() -> None:
+            pipe = self._r.pipeline(transaction=False)
+            for i, part in enumerate(parts):
+                pipe.set(chunk_key(self.prefix, key, manifest.gen, i), part, ex=ex)
+            pipe.set(manifest_key(self.prefix, key), encode_manifest(manifest), ex=ex)
+            pipe.execute()
+
+        self._call(op)
+        return manifest.size
+
+    def delete(self, key: bytes, m: Manifest | None) -> None:
+        names = [manifest_key(self.prefix, key)]
+        if m is not None:
+            names += [chunk_key(self.prefix, key, m.gen, i) for i in range(m.n_chunks)]
+        self._call(lambda: self._r.delete(*names))
+
+    def memory(self) -> tuple[int, int]:
+        """``(used_memory, maxmemory)`` from ``INFO memory``."""
+        info = self._call(lambda: self._r.info("memory"))
+        return int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._r.close()
+
+
+class RemoteIO:
+    """The two threads and their hand-off to meta's loop (see the module docstring)."""
+
+    def __init__(self, cfg: TierConfig, layout: TierLayout, promote_tier: str) -> None:
+        self.cfg = cfg
+        self.layout = layout
+        self.promote_tier = promote_tier
+        self.url = redact(cfg.url or "")
+        self.used_bytes = 0
+        self.max_bytes = 0
+        self._lookups: queue.SimpleQueue[LookupJob | None] = queue.SimpleQueue()
+        self._uploads = UploadQueue(cfg.upload_queue_rows, cfg.upload_queue_bytes)
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._done: deque[Done] = deque()
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._threads = [
+            threading.Thread(target=self._fetcher, name="remote-fetch", daemon=True),
+            threading.Thread(target=self._uploader, name="remote-upload", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def fd(self) -> int:
+        return self._r
+
+    # ------------------------------------------------------------ loop side
+    def lookup(self, job: LookupJob) -> None:
+        self._lookups.put(job)
+
+    def upload(self, job: Upload) -> int:
+        """Queue a published row (never blocks); returns the rows the bounds dropped."""
+        with self._cv:
+            dropped = self._uploads.push(job)
+            self._cv.notify()
+        return dropped
+
+    def take_done(self) -> list[Done]:
+        try:
+            while os.read(self._r, 512):
+                pass
+        except BlockingIOError:
+            pass
+        out = []
+        while self._done:
+            out.append(self._done.popleft())
+        return out
+
+    def close(self) -> None:
+        """Stop both threads (a transfer in flight ends within ``timeout_ms``)."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._lookups.put(None)
+        for t in self._threads:
+            t.join(JOIN_TIMEOUT_S)
+        os.close(self._r)
+        os.close(self._w)
+
+    def _report(self, item: Done) -> None:
+        self._done.append(item)
+        with contextlib.suppress(BlockingIOError, OSError):  # full: the loop wakes anyway
+            os.write(self._w, b"\0")
+
+    # ------------------------------------------------------------ fetcher
+    def _fetcher(self) -> None:
+        store = Store(self.cfg)
+        try:
+            while (job := self._lookups.get()) is not None:
+                t0 = time.perf_counter_ns()
+                try:
+                    done = self._lookup(store, job)
+                except RemoteUnavailable as exc:
+                    done = LookupDone(job.waiter, error=str(exc))
+                except Exception as exc:  # a bug: the lookup is a miss, the thread lives
+                    log.exception("event=remote_lookup_failed")
+                    done = LookupDone(job.waiter, error=repr(exc))
+                done.fetch_ns = time.perf_counter_ns() - t0
+                self._report(done)
+        finally:
+            store.close()
+
+    def _lookup(self, store: Store, job: LookupJob) -> LookupDone:
+        done = LookupDone(job.waiter)
+        raws = store.probe(job.keys)
+        for key, raw in zip(job.keys, raws, strict=True):
+            if raw is None:
+                continue
+            if time.monotonic() >= job.deadline:
+                break
+            manifest: Manifest | None = None
+            try:
+                manifest = decode_manifest(raw)
+                chunks = store.chunks(key, manifest)
+                done.bytes_down += sum(len(c) for c in chunks if c is not None)
+                parts = verify_chunks(manifest, chunks)
+                path = place_row(self.layout, self.promote_tier, key, parts)
+                meta = read_metadata(path).meta
+            except (RemoteRowError, KvcError) as exc:
+                log.warning("event=remote_row_dropped key=%s reason=%s", key.hex()[:16], exc)
+                done.dropped.append((key, exc.code))
+                with contextlib.suppress(RemoteUnavailable):
+                    store.delete(key, manifest)
+                continue
+            except OSError as exc:
+                log.warning("event=remote_place_failed key=%s reason=%s", key.hex()[:16], exc)
+                return done
+            done.key, done.path, done.size, done.meta = key, path, manifest.size, meta
+            return done
+        return done
+
+    # ------------------------------------------------------------ uploader
+    def _next_upload(self, timeout: float) -> Upload | None:
+        with self._cv:
+            if not self._stopping and not len(self._uploads):
+                self._cv.wait(timeout)
+            return None if self._stopping else self._uploads.pop()
+
+    def _uploader(self) -> None:
+        store = Store(self.cfg)
+        breaker = Breaker()
+        attempts: dict[bytes, int] = {}
+        next_stats = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if breaker.down and now < breaker.retry_at:
+                    with self._cv:
+                        if not self._stopping:
+                            self._cv.wait(breaker.retry_at - now)
+                        if self._stopping:
+                            return
+                    continue
+                job = self._next_upload(max(0.0, next_stats - now))  # 0: stats are due
+                with self._cv:
+                    if self._stopping:
+                        return
+                if job is None:
+                    if time.monotonic() >= next_stats:
+                        next_stats = time.monotonic() + STATS_INTERVAL_S
+                        with contextlib.suppress(RemoteUnavailable):
+                            self.used_bytes, self.max_bytes = store.memory()
+                    continue
+                try:
+                    done = self._upload(store, job)
+                except RemoteUnavailable as exc:
+                    n = attempts.get(job.key, 0) + 1
+                    status: Literal["failed", "dropped"] = "failed"
+                    if n < MAX_UPLOAD_ATTEMPTS:
+                        attempts[job.key] = n
+                        with self._cv:
+                            self._uploads.push_front(job)
+                    else:
+                        attempts.pop(job.key, None)
+                        status = "dropped"
+                    changed = breaker.failed(time.monotonic())
+                    self._report(
+                        UploadDone(job.key, status, error=str(exc), state="down" if changed else "")
+                    )
+                    continue
+                attempts.pop(job.key, None)
+                if breaker.ok():
+                    done.state = "up"
+                    attempts.clear()  # keys the queue bounds dropped meanwhile
+                self._report(done)
+                next_stats = 0.0 if done.status == "uploaded" else next_stats
+        finally:
+            store.close()
+
+    def _upload(self, store: Store, job: Upload) -> UploadDone:
+        if store.exists(job.key):
+            return UploadDone(job.key, "present")
+        try:
+            with open(job.path, "rb") as f:
+                blob = f.read()
+        except OSError:  # evicted before its turn: nothing to copy
+            return UploadDone(job.key, "gone")
+        return UploadDone(job.key, "uploaded", bytes_up=store.put(job.key, blob))
