@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,9 +64,9 @@ class Probe:
         return list(buf[:n])
 
     @contextmanager
-    def context(self, n_seq: int, unified: bool) -> Iterator[Any]:
+    def context(self, n_seq: int, unified: bool, n_ubatch: int = 512) -> Iterator[Any]:
         p = lc.llama_context_default_params()
-        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = 4096, 512, 512, n_seq
+        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = 4096 * n_seq, 512, n_ubatch, n_seq
         p.n_threads = p.n_threads_batch = self.threads
         p.swa_full, p.kv_unified, p.no_perf = True, unified, True
         ctx = lc.llama_init_from_model(self.model, p)
@@ -100,6 +101,8 @@ def diff(a: Any, b: Any) -> float:
 
 
 def snapshot(ctx: Any, seq: int | None) -> Any:
+    """``None``: ``llama_state_get_data``; ``-1``: the whole cache through the sequence API
+    (what the worker stores with one sequence); ``>= 0``: one sequence."""
     if seq is None:
         n = lc.llama_state_get_size(ctx)
         buf = (ctypes.c_uint8 * n)()
@@ -152,12 +155,14 @@ def placement(p: Probe) -> dict[str, list[float]]:
     return out
 
 
-def restore(p: Probe, lengths: list[int]) -> dict[int, tuple[float, float, float]]:
+def restore(p: Probe, lengths: list[int]) -> dict[int, tuple[float, float, float, float]]:
+    """Per length: the whole-context API, the whole cache through the sequence API (the
+    worker's form), one sequence; then the one-sequence snapshot's MB."""
     text = (p.prompts[0] + p.prompts[1] + p.prompts[2] + p.prompts[3] + p.prompts[0])[:2100]
     out = {}
     for n in lengths:
         res = []
-        for seq in (None, 0):
+        for seq in (None, -1, 0):
             with p.context(1, unified=False) as live:
                 p.prefill(live, 0, text[:n])
                 buf = snapshot(live, seq)
@@ -170,7 +175,7 @@ def restore(p: Probe, lengths: list[int]) -> dict[int, tuple[float, float, float
                     lc.llama_state_seq_set_data(ctx, buf, len(buf), 0)
                 p.decode(ctx, [(text[n], n, 0, True)])
                 res.append(diff(p.row(ctx, 0), ref))
-        out[n] = (res[0], res[1], round(len(buf) / 1e6, 1))
+        out[n] = (res[0], res[1], res[2], round(len(buf) / 1e6, 1))
     return out
 
 
@@ -183,6 +188,71 @@ def chunk_sizes(p: Probe, chunks: list[int]) -> dict[int, float]:
             p.prefill(ctx, 0, text, chunk=c)
             out[c] = p.row(ctx, -1)
     return {c: diff(v, out[chunks[0]]) for c, v in out.items()}
+
+
+def one_chunk_recipe(p: Probe) -> dict[str, float]:
+    """Repacking off, every ubatch at most 63 rows, a lone decode given a dummy row: is a
+    sequence then independent of batch, cells and restores? (``p`` built with repack off.)"""
+    text = (p.prompts[0] + p.prompts[1] + p.prompts[2] + p.prompts[3] + p.prompts[0])[:2100]
+    out: dict[str, float] = {}
+    cold: dict[int, Any] = {}
+    with p.context(2, unified=False, n_ubatch=63) as ctx:
+        for c in (63, 48, 37, 16, 9, 5):
+            lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+            p.prefill(ctx, 0, text[:1600], chunk=c)
+            cold[c] = p.row(ctx, -1)
+    for c, v in cold.items():
+        out[f"prefill of 1600 in chunks of {c} vs 63"] = diff(v, cold[63])
+    for n in (513, 1024, 2048):
+        with p.context(4, unified=False, n_ubatch=63) as live:
+            p.prefill(live, 1, text[:n], chunk=48)
+            buf = snapshot(live, 1)
+            p.decode(live, [(1, 0, 0, False), (text[n], n, 1, True)])  # seq 0: the dummy row
+            ref = p.row(live, 1)
+        with p.context(4, unified=False, n_ubatch=63) as ctx:
+            p.prefill(ctx, 3, text[:200], chunk=48)  # another sequence generating beside it
+            lc.llama_state_seq_set_data(ctx, buf, len(buf), 2)
+            p.decode(ctx, [(text[n], n, 2, True), (text[200], 200, 3, True)])
+            out[f"L={n}: one-sequence snapshot restored into seq 2, co-batched"] = diff(
+                p.row(ctx, 0), ref
+            )
+    with p.context(2, unified=False, n_ubatch=63) as live:
+        p.prefill(live, 0, text[:1024], chunk=48)
+        buf = snapshot(live, 0)
+    with p.context(2, unified=False, n_ubatch=63) as ctx:
+        lc.llama_state_seq_set_data(ctx, buf, len(buf), 0)
+        p.prefill(ctx, 0, text[1024:1600], chunk=48, at=1024)
+        out["1024-token row restored, 576 more in chunks of 48, vs cold"] = diff(
+            p.row(ctx, -1), cold[63]
+        )
+    return out
+
+
+def cpu_cost(repack: bool, n_ubatch: int) -> tuple[float, float, float]:
+    """One thread, CPU time (steady under load): prefill of 320 tokens (s), a decode step
+    (ms), a decode step with a dummy row (ms); the median of 3."""
+    p = Probe(1, repack)
+    text = p.prompts[0] + p.prompts[1]
+    runs = []
+    with p.context(2, unified=False, n_ubatch=n_ubatch) as ctx:
+        mem = lc.llama_get_memory(ctx)
+        for _ in range(3):
+            lc.llama_memory_clear(mem, True)
+            t = time.thread_time()
+            p.prefill(ctx, 0, text[:320], chunk=min(n_ubatch, 512))
+            tp = time.thread_time() - t
+            t = time.thread_time()
+            for i in range(20):
+                p.decode(ctx, [(text[320], 320 + i, 0, True)])
+            t1 = (time.thread_time() - t) / 20
+            t = time.thread_time()
+            for i in range(20):
+                lc.llama_memory_seq_rm(mem, 1, -1, -1)
+                p.decode(ctx, [(text[320], 340 + i, 0, True), (1, 0, 1, False)])
+            t2 = (time.thread_time() - t) / 20
+            runs.append((tp, t1 * 1000, t2 * 1000))
+    runs.sort()
+    return tuple(round(x, 2) for x in runs[1])  # type: ignore[return-value]
 
 
 def main() -> int:
@@ -207,9 +277,13 @@ def main() -> int:
     for name, ds in placement(default).items():
         lines += [f"- {name}: {ds}"]
     lines += ["", "## 3. Restore into a fresh context, then one decode (against the live one)", ""]
-    lines += ["| L | whole snapshot | sequence snapshot | sequence MB |", "|---|---|---|---|"]
-    for n, (whole, seq, mb) in restore(default, [300, 511, 512, 513, 1024, 2048]).items():
-        lines += [f"| {n} | {whole} | {seq} | {mb} |"]
+    lines += [
+        "| L | whole-context API | whole cache, sequence API (the worker's) "
+        "| one-sequence snapshot | sequence MB |",
+        "|---|---|---|---|---|",
+    ]
+    for n, (whole, wseq, seq, mb) in restore(default, [300, 511, 512, 513, 1024, 2048]).items():
+        lines += [f"| {n} | {whole} | {wseq} | {seq} | {mb} |"]
     lines += [
         "",
         "## 4. Prefill chunk size (last logits of 1600 tokens against 512-token chunks)",
@@ -217,6 +291,19 @@ def main() -> int:
     ]
     for c, d in chunk_sizes(default, [512, 128, 64, 37, 16]).items():
         lines += [f"- chunk {c}: {d}"]
+    lines += ["", "## 5. The one-chunk recipe (repack off, ubatch <= 63, dummy row)", ""]
+    for name, d in one_chunk_recipe(Probe(args.threads, repack=False)).items():
+        lines += [f"- {name}: {d}"]
+    lines += [
+        "",
+        "## 6. Cost (1 thread, CPU time, median of 3)",
+        "",
+        "| repack | ubatch | prefill 320 (s) | decode (ms) | decode + dummy row (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    for repack, ub in ((True, 512), (False, 512), (True, 63), (False, 63)):
+        tp, t1, t2 = cpu_cost(repack, ub)
+        lines += [f"| {repack} | {ub} | {tp} | {t1} | {t2} |"]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out is not None:
