@@ -46,10 +46,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _answers(port: int) -> bool:
-    """One PING over a raw socket (no client library needed)."""
+def _answers(port: int, password: str | None = None) -> bool:
+    """One PING over a raw socket (no client library needed), after AUTH if given."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            if password is not None:
+                s.sendall(f"AUTH {password}\r\n".encode())
+                if not s.recv(16).startswith(b"+OK"):
+                    return False
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")
     except OSError:
@@ -59,11 +63,14 @@ def _answers(port: int) -> bool:
 class RedisServer:
     """One ``redis-server`` process on 127.0.0.1:``port`` with its data under ``dir``."""
 
-    def __init__(self, binary: str, dir: Path, *, maxmemory: str | None = None) -> None:
+    def __init__(
+        self, binary: str, dir: Path, *, maxmemory: str | None = None, password: str | None = None
+    ) -> None:
         self.binary = binary
         self.dir = dir
         self.port = free_port()
         self.maxmemory = maxmemory
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -76,10 +83,14 @@ class RedisServer:
                 "--daemonize", "no", "--logfile", str(self.dir / "redis.log")]  # fmt: skip
         if self.maxmemory:
             args += ["--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru"]
+        if self.password:
+            args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         delay = 0.005
-        while not _answers(self.port):  # no event to wait on: poll PING with a backoff
+        while not _answers(
+            self.port, self.password
+        ):  # no event to wait on: poll PING with a backoff
             if self.proc.poll() is not None or time.monotonic() >= deadline:
                 self.kill()
                 raise RuntimeError(f"redis-server did not start on port {self.port}")
