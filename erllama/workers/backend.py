@@ -16,6 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
+LLAMA_STATE_FORMAT = b"llama.cpp-seq-v1"  # the llama backend's payload: llama_state_seq_get_data
+
 
 class BackendInfo(msgspec.Struct, frozen=True, kw_only=True):
     backend: str  # "llama" | "stub"
@@ -62,6 +64,10 @@ class Sampler(Protocol):
 @runtime_checkable
 class ModelBackend(Protocol):
     info: BackendInfo
+    # tokenize / detokenize may run on the IO thread beside the compute thread
+    thread_safe_tokenizer: bool
+    # the ``state_format`` TLV of every saved row: what produced its payload
+    state_format: bytes
 
     def tokenize(
         self, text: str, *, add_special: bool = True, parse_special: bool = False
@@ -127,6 +133,14 @@ class ModelBackend(Protocol):
 
         Raises ``ValueError`` if the backend rejects the payload.
         """
+        ...
+
+    def release_context(self) -> bool:
+        """Free the context's memory (every sequence), keep the weights; True when it did."""
+        ...
+
+    def ensure_context(self) -> bool:
+        """Re-create a released context; True when it did (a no-op otherwise)."""
         ...
 
     def close(self) -> None: ...

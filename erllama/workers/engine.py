@@ -469,9 +469,8 @@ class Engine:
             # the scheduler under memory pressure: free the llama context, keep the
             # weights; the next request re-creates it (_ensure_context) and restores warm
             released = False
-            release = getattr(self.backend, "release_context", None)
-            if not busy and not self._pending and release is not None:
-                released = bool(release())
+            if not busy and not self._pending:
+                released = self.backend.release_context()
             log.info("event=release_context released=%s busy=%s", released, busy)
             self._emit(cid, reply(msg.request_id, {"released": released}))
             return
@@ -479,9 +478,7 @@ class Engine:
 
     def _ensure_context(self) -> None:
         """Re-create a context the scheduler released (no-op when it exists)."""
-        ensure = getattr(self.backend, "ensure_context", None)
-        if ensure is not None:
-            ensure()
+        self.backend.ensure_context()
 
     # ================================================================ one request
     def _serve(self, req: Request) -> None:

@@ -49,6 +49,7 @@ from erllama.protocol.messages import (
 )
 from erllama.protocol.sockets import WORKERS_SOCK, ipc_endpoint, make_socket
 from erllama.protocol.tokens import pack_tokens, unpack_tokens
+from erllama.workers.backend import ModelBackend
 from erllama.workers.engine import CancelSet, Inbound, InboxItem, StopRequest
 
 log = logging.getLogger(__name__)
@@ -91,13 +92,10 @@ class IoThread(threading.Thread):
         self.crashed = False
 
     # ------------------------------------------------------------ main-thread API
-    def attach(self, engine: Any, backend: Any) -> None:
+    def attach(self, engine: Any, backend: ModelBackend) -> None:
         """Share the engine's counters and (if thread-safe) the tokenizer with this thread."""
         self._backend = backend
-        fast = getattr(backend, "thread_safe_tokenizer", None)
-        if fast is None:  # llama.cpp tokenize/detokenize only read the vocab
-            fast = getattr(getattr(backend, "info", None), "backend", "") == "llama"
-        self._fast_tokenize = bool(fast)
+        self._fast_tokenize = backend.thread_safe_tokenizer
         self._engine = engine
 
     def detach(self) -> None:

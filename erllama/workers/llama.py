@@ -85,7 +85,7 @@ from erllama.protocol.errors import (
     ModelLoadError,
     NotSupportedError,
 )
-from erllama.workers.backend import BackendInfo, SamplerOptions
+from erllama.workers.backend import LLAMA_STATE_FORMAT, BackendInfo, SamplerOptions
 
 log = logging.getLogger(__name__)
 
@@ -441,6 +441,9 @@ class LlamaBackend:
         ModelLoadError: ``load_failed`` (missing or unreadable file, llama.cpp refused it),
             ``malformed_gguf`` (not a GGUF, or a broken one), ``oom``, ``context_failed``.
     """
+
+    thread_safe_tokenizer = True  # llama.cpp tokenize/detokenize only read the vocab
+    state_format = LLAMA_STATE_FORMAT
 
     def __init__(
         self,

@@ -191,7 +191,7 @@ class SeqCache:
         self._fp_mode = FINGERPRINT_MODES.get(spec.fingerprint_mode, 0)
         self._quant_bits = info.quant_bits
         self._context_size = spec.context_size or info.n_ctx
-        self._state_format = bytes(getattr(backend, "state_format", b""))
+        self._state_format = backend.state_format
         self._hostname = hostname or socket.gethostname().encode()
         self._version = version
         self.identity_ok = bytes(info.fingerprint) != _ZERO32 and self.ns[2] != _ZERO32

@@ -80,7 +80,7 @@ from erllama.protocol.codec import encode
 from erllama.protocol.errors import ErllamaError, ErrorCode, ModelLoadError
 from erllama.protocol.messages import ModelInfo, Msg
 from erllama.protocol.sockets import META_SOCK, ipc_endpoint
-from erllama.workers.backend import ModelBackend
+from erllama.workers.backend import LLAMA_STATE_FORMAT, ModelBackend
 from erllama.workers.cachelink import MetaCache
 from erllama.workers.engine import CancelSet, Engine, FatalEngineError, InboxItem, StopRequest
 from erllama.workers.iothread import IoThread
@@ -89,7 +89,6 @@ from erllama.workers.stub import LoraStubBackend, StubBackend, slow_writer
 
 log = logging.getLogger(__name__)
 
-LLAMA_STATE_FORMAT = b"llama.cpp-seq-v1"
 HANDSHAKE_TIMEOUT_S = 30.0
 STOP_SLACK = 0.8
 META_TIMEOUT_S = 1.0  # compute-thread lookups: a slow meta must not stall a request long
@@ -147,12 +146,9 @@ def load_backend(spec: ModelSpec) -> ModelBackend:
             ) from None
         except OSError as exc:
             raise ModelLoadError(f"cannot read {path}: {exc}") from None
-    backend = LlamaBackend(
+    return LlamaBackend(
         spec, path, fingerprint=fp, ctx_params_hash=ctx_hash or llama_ctx_params_hash(spec)
     )
-    if not hasattr(backend, "state_format"):
-        backend.state_format = LLAMA_STATE_FORMAT  # type: ignore[attr-defined]
-    return backend
 
 
 def model_info(model_id: str, spec: ModelSpec, backend: ModelBackend) -> dict[str, Any]:
