@@ -85,7 +85,7 @@ from erllama.protocol.messages import (
     WorkerStatus,
 )
 from erllama.protocol.tokens import pack_tokens, unpack_tokens
-from erllama.workers import embedding
+from erllama.workers import embedding, tokenizer_ops
 from erllama.workers.adapters import ADAPTER_OPS, AdapterSet
 from erllama.workers.backend import ModelBackend, Sampler
 from erllama.workers.cachelink import WorkerCache
@@ -340,14 +340,8 @@ class Engine:
                 self._enqueue(cid, msg)
             elif isinstance(msg, Cancel):
                 self._cancel(cid, msg.target)
-            elif isinstance(msg, Tokenize):
-                toks = self.backend.tokenize(
-                    msg.text, add_special=True, parse_special=msg.parse_special
-                )
-                self._emit(cid, reply(msg.request_id, pack_tokens(toks)))
-            elif isinstance(msg, Detokenize):
-                text = self.backend.detokenize(unpack_tokens(msg.tokens))
-                self._emit(cid, reply(msg.request_id, text))
+            elif isinstance(msg, Tokenize | Detokenize):  # mostly the IO thread's (iothread.py)
+                self._emit(cid, tokenizer_ops.answer(self.backend, msg))
             elif isinstance(msg, ModelStatus):
                 self._emit(cid, reply(msg.request_id, self.phase))
             elif isinstance(msg, ListCachedPrefixes):

@@ -36,7 +36,7 @@ import zmq
 
 from erllama.lifecycle import ControlLink
 from erllama.protocol.codec import Decoder, encode, error_reply, peek_request_id, reply
-from erllama.protocol.errors import ErllamaError, ErrorCode, ProtocolError
+from erllama.protocol.errors import ProtocolError
 from erllama.protocol.messages import (
     Cancel,
     ClientRequest,
@@ -48,7 +48,7 @@ from erllama.protocol.messages import (
     WorkerStatus,
 )
 from erllama.protocol.sockets import WORKERS_SOCK, ipc_endpoint, make_socket
-from erllama.protocol.tokens import pack_tokens, unpack_tokens
+from erllama.workers import tokenizer_ops
 from erllama.workers.backend import ModelBackend
 from erllama.workers.engine import CancelSet, Inbound, InboxItem, StopRequest
 
@@ -83,7 +83,7 @@ class IoThread(threading.Thread):
         self._inbox = inbox
         self._cancels = cancels
         self._engine: Any = None  # engine.Engine once loaded (phase, active, tokens_total)
-        self._backend: Any = None
+        self._backend: ModelBackend | None = None
         self._fast_tokenize = False
         self._decoder: Decoder[ClientRequest] = Decoder(ClientRequest)
         self._workers: zmq.Socket[bytes] | None = None
@@ -230,16 +230,7 @@ class IoThread(threading.Thread):
 
     def _tokenizer_op(self, cid: bytes, msg: Tokenize | Detokenize) -> None:
         backend = self._backend
-        try:
-            if isinstance(msg, Tokenize):
-                toks = backend.tokenize(msg.text, add_special=True, parse_special=msg.parse_special)
-                self._answer(cid, reply(msg.request_id, pack_tokens(toks)))
-            else:
-                self._answer(
-                    cid, reply(msg.request_id, backend.detokenize(unpack_tokens(msg.tokens)))
-                )
-        except ErllamaError as exc:
-            self._answer(cid, error_reply(msg.request_id, exc.code, exc.message))
-        except Exception as exc:
-            code = ErrorCode.TOKENIZE_FAILED if isinstance(msg, Tokenize) else ErrorCode.INTERNAL
-            self._answer(cid, error_reply(msg.request_id, code, f"{type(exc).__name__}: {exc}"))
+        if backend is None:  # detached between the check and here: the engine answers
+            self._inbox.put(Inbound(cid, msg))
+            return
+        self._answer(cid, tokenizer_ops.answer(backend, msg))
