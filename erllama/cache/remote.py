@@ -24,6 +24,16 @@ decision lives here, so it is unit-testable without a server:
 * **Probe plan** (``probe_plan``): after the local tiers miss, the prompt's own length
   and its prefixes at the save alignments (the checkpoint ladder, continued saves),
   longer than what the local index already offers, longest first, capped.
+* **Prefix pointers** (``pointer_lengths``, ``lookup_plan``): rows of any length (a
+  finish row: prompt + reply) are found by a longer prompt through small pointer keys.
+  An upload also writes ``<prefix>p:<hex key of T[:b]>`` -> (row key, row length) for
+  the row's prefixes ``b`` at multiples of ``POINTER_ALIGN`` (its longest
+  ``MAX_ROW_POINTERS``; last writer wins, same TTL). A lookup asks for the pointers of
+  the prompt's aligned prefixes in the same round trip as the exact keys
+  (``MAX_PROBE_POINTERS`` at most), longest first; a pointer at ``b`` guarantees a
+  common prefix of ``b`` and sorts before an exact row of length ``b``. A pointer to a
+  row that is gone, or to a row that does not start with ``T[:b]``, is a miss and is
+  deleted.
 * **Write-behind queue** (``UploadQueue``): published rows wait here for the upload
   thread; bounded in rows and bytes, the oldest goes first on overflow (a row waiting
   that long is the least likely to be asked for).
@@ -195,6 +205,75 @@ def probe_plan(
     return sorted((x for x in lengths if x >= floor), reverse=True)[:max_keys]
 
 
+# ================================================================ prefix pointers
+POINTER_ALIGN = 256
+MAX_ROW_POINTERS = 32  # per uploaded row: its longest aligned prefixes (8192 tokens of reach)
+MAX_PROBE_POINTERS = 16  # per lookup, on top of the exact keys (max_probe_keys)
+_POINTER = struct.Struct("<32sI")  # the row's key, its length in tokens
+
+
+def pointer_key(prefix: str, key: bytes) -> str:
+    """The pointer filed under the key of a prefix ``T[:b]``."""
+    return f"{prefix}p:{key.hex()}"
+
+
+def encode_pointer(row_key: bytes, n_tokens: int) -> bytes:
+    return _POINTER.pack(row_key, n_tokens)
+
+
+def decode_pointer(raw: bytes) -> tuple[bytes, int]:
+    """``(row key, row length)``.
+
+    Raises:
+        RemoteRowError: ``bad_pointer``.
+    """
+    if len(raw) != _POINTER.size:
+        raise RemoteRowError("bad_pointer", f"{len(raw)} bytes")
+    key, n = _POINTER.unpack(raw)
+    if n <= 0:
+        raise RemoteRowError("bad_pointer", f"length {n}")
+    return key, n
+
+
+def pointer_lengths(
+    n_tokens: int, floor: int = 1, align: int = POINTER_ALIGN, max_keys: int = MAX_ROW_POINTERS
+) -> list[int]:
+    """The multiples of ``align`` in ``floor..n_tokens``, longest first, at most ``max_keys``.
+
+    For an upload: the prefixes of a row of ``n_tokens`` that get a pointer to it. For
+    a lookup: the prefixes of the prompt whose pointers are asked for.
+    """
+    if align <= 0 or max_keys <= 0:
+        return []
+    top = n_tokens - n_tokens % align
+    bottom = max(floor, align)
+    return list(range(top, bottom - 1, -align))[:max_keys]
+
+
+def lookup_plan(
+    n_tokens: int,
+    local_common: int,
+    min_len: int,
+    aligns: Iterable[int],
+    max_keys: int,
+    max_pointers: int = MAX_PROBE_POINTERS,
+) -> list[tuple[int, bool]]:
+    """A lookup's probes as ``(prefix length, is a pointer)``, best first.
+
+    The exact keys of ``probe_plan`` and the pointers of the prompt's
+    ``POINTER_ALIGN``-aligned prefixes past the same floor, by the common prefix each
+    guarantees (its length), a pointer first on a tie (its row is at least as long).
+    Empty when ``probe_plan`` is (no remote row could beat the local index).
+    """
+    exact = probe_plan(n_tokens, local_common, min_len, aligns, max_keys)
+    if not exact:
+        return []
+    floor = max(local_common + 1, min_len, 1)
+    ptrs = pointer_lengths(n_tokens, floor, POINTER_ALIGN, max_pointers)
+    probes = [(n, False) for n in exact] + [(n, True) for n in ptrs]
+    return sorted(probes, key=lambda p: (p[0], p[1]), reverse=True)
+
+
 # ================================================================ write-behind queue
 @dataclass(frozen=True, slots=True)
 class Upload:
@@ -291,10 +370,19 @@ class Breaker:
 
 
 # ================================================================ hand-off (remote_io -> meta)
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """One key a lookup asks for: a row's manifest, or (``pointer``) a prefix's pointer."""
+
+    key: bytes  # the key of the prompt's first ``length`` tokens
+    length: int
+    pointer: bool = False
+
+
 @dataclass(slots=True)
 class LookupJob:
     waiter: int
-    keys: list[bytes]  # longest prefix first
+    probes: list[Probe]  # best first (``lookup_plan``)
     deadline: float  # monotonic seconds: try no further candidate after it
 
 
@@ -311,6 +399,8 @@ class LookupDone:
     fetch_ns: int = 0
     error: str = ""  # the store did not answer
     dropped: list[tuple[bytes, str]] = field(default_factory=list)  # (key, code) bad rows
+    pointer: bool = False  # the row was found through a prefix pointer
+    stale_pointers: int = 0  # pointers to a row gone or not ours (deleted)
 
 
 @dataclass(slots=True)

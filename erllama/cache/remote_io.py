@@ -4,14 +4,17 @@ Owned by the meta process (``remote_meta``). Two threads, each with its own
 connection, so an upload never delays a lookup a worker waits on:
 
 * **fetcher**: runs ``LookupJob``s: one pipelined ``GET`` of the candidate manifests
-  (longest prefix first), then the chunks of the first one present; checks them
+  and prefix pointers (``remote.lookup_plan``, best first), then, for the first one
+  present, the pointed row's manifest (a pointer: one more round trip) and its chunks; checks them
   (``remote.verify_chunks``), writes them as the row file into the promotion tier's
   directory (``demote.place_row``: temp file, KVC full validation with the key asked
   for, link to the key's final name) and reports ``LookupDone``. A row that fails verification
   is deleted from the store, reported, and the next candidate is tried.
 * **uploader**: drains the write-behind ``remote.UploadQueue``: reads a published
   file, skips it when the store has the row already (``EXISTS`` on the manifest),
-  else writes its chunks and then its manifest in one pipeline, each with the TTL.
+  else writes its chunks, then its manifest, then its prefix pointers
+  (``remote.pointer_lengths``, keys from the row's own tokens) in one pipeline, each
+  with the TTL.
   A store that does not answer puts the row back at the head and waits out a
   back-off (``remote.Breaker``); the queue's bounds drop the oldest rows meanwhile.
   When idle it reads ``INFO memory`` for ``status``.
@@ -46,21 +49,27 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from erllama.cache.demote import place_row
-from erllama.cache.kvc import KvcError, read_metadata
+from erllama.cache.keys import PrefixHasher, make_key_packed
+from erllama.cache.kvc import KvcError, KvcMeta, parse_metadata, read_metadata
 from erllama.cache.remote import (
     Breaker,
     Done,
     LookupDone,
     LookupJob,
     Manifest,
+    Probe,
     RemoteRowError,
     Upload,
     UploadDone,
     UploadQueue,
     chunk_key,
     decode_manifest,
+    decode_pointer,
     encode_manifest,
+    encode_pointer,
     manifest_key,
+    pointer_key,
+    pointer_lengths,
     split_row,
     verify_chunks,
 )
@@ -129,16 +138,23 @@ class Store:
         with contextlib.suppress(Exception):
             self._r.connection_pool.disconnect()
 
-    def probe(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        """The manifests of ``keys`` (None where absent), in one round trip."""
+    def probe(self, probes: Sequence[Probe]) -> list[bytes | None]:
+        """The manifests and pointers asked for (None where absent), in one round trip."""
 
         def op() -> list[bytes | None]:
             pipe = self._r.pipeline(transaction=False)
-            for k in keys:
-                pipe.get(manifest_key(self.prefix, k))
+            for p in probes:
+                pipe.get((pointer_key if p.pointer else manifest_key)(self.prefix, p.key))
             return list(pipe.execute())
 
         return self._call(op)
+
+    def manifest(self, key: bytes) -> bytes | None:
+        raw = self._call(lambda: self._r.get(manifest_key(self.prefix, key)))
+        return raw if isinstance(raw, bytes) else None
+
+    def delete_pointer(self, prefix_key: bytes) -> None:
+        self._call(lambda: self._r.delete(pointer_key(self.prefix, prefix_key)))
 
     def chunks(self, key: bytes, m: Manifest) -> list[bytes | None]:
         def op() -> list[bytes | None]:
@@ -152,8 +168,11 @@ class Store:
     def exists(self, key: bytes) -> bool:
         return bool(self._call(lambda: self._r.exists(manifest_key(self.prefix, key))))
 
-    def put(self, key: bytes, blob: bytes | memoryview) -> int:
-        """Chunks first, the manifest last, one pipeline; the bytes sent."""
+    def put(
+        self, key: bytes, blob: bytes | memoryview, pointers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> int:
+        """Chunks first, then the manifest, then the ``(prefix key, pointer)``s, one
+        pipeline; the bytes sent."""
         manifest, parts = split_row(blob, self.chunk_bytes, secrets.token_bytes(8))
         ex = self.ttl_s or None
 
@@ -162,6 +181,8 @@ class Store:
             for i, part in enumerate(parts):
                 pipe.set(chunk_key(self.prefix, key, manifest.gen, i), part, ex=ex)
             pipe.set(manifest_key(self.prefix, key), encode_manifest(manifest), ex=ex)
+            for prefix_key, value in pointers:
+                pipe.set(pointer_key(self.prefix, prefix_key), value, ex=ex)
             pipe.execute()
 
         self._call(op)
@@ -268,12 +289,20 @@ class RemoteIO:
 
     def _lookup(self, store: Store, job: LookupJob) -> LookupDone:
         done = LookupDone(job.waiter)
-        raws = store.probe(job.keys)
-        for key, raw in zip(job.keys, raws, strict=True):
+        raws = store.probe(job.probes)
+        tried: set[bytes] = set()
+        for probe, raw in zip(job.probes, raws, strict=True):
             if raw is None:
                 continue
             if time.monotonic() >= job.deadline:
                 break
+            key = probe.key
+            if probe.pointer:
+                followed = self._follow(store, probe, raw, tried, done)
+                if followed is None:
+                    continue
+                key, raw = followed
+            tried.add(key)
             manifest: Manifest | None = None
             try:
                 manifest = decode_manifest(raw)
@@ -291,9 +320,38 @@ class RemoteIO:
             except OSError as exc:
                 log.warning("event=remote_place_failed key=%s reason=%s", key.hex()[:16], exc)
                 return done
+            if probe.pointer and not _starts_with(meta, probe):
+                log.warning("event=remote_pointer_stale key=%s (not a prefix)", key.hex()[:16])
+                done.stale_pointers += 1
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                with contextlib.suppress(RemoteUnavailable):
+                    store.delete_pointer(probe.key)
+                continue
             done.key, done.path, done.size, done.meta = key, path, manifest.size, meta
+            done.pointer = probe.pointer
             return done
         return done
+
+    @staticmethod
+    def _follow(
+        store: Store, probe: Probe, raw: bytes, tried: set[bytes], done: LookupDone
+    ) -> tuple[bytes, bytes] | None:
+        """A pointer's row key and manifest; None when there is nothing to fetch
+        (a row tried already, or a stale pointer: deleted and counted)."""
+        try:
+            key, n_tokens = decode_pointer(raw)
+        except RemoteRowError:
+            key, n_tokens = b"", 0
+        if key in tried:
+            return None
+        manifest = store.manifest(key) if n_tokens >= probe.length else None
+        if manifest is None:
+            done.stale_pointers += 1
+            with contextlib.suppress(RemoteUnavailable):
+                store.delete_pointer(probe.key)
+            return None
+        return key, manifest
 
     # ------------------------------------------------------------ uploader
     def _next_upload(self, timeout: float) -> Upload | None:
@@ -361,4 +419,24 @@ class RemoteIO:
                 blob = f.read()
         except OSError:  # evicted before its turn: nothing to copy
             return UploadDone(job.key, "gone")
-        return UploadDone(job.key, "uploaded", bytes_up=store.put(job.key, blob))
+        bytes_up = store.put(job.key, blob, _pointers(job.key, blob))
+        return UploadDone(job.key, "uploaded", bytes_up=bytes_up)
+
+
+def _pointers(key: bytes, blob: bytes) -> list[tuple[bytes, bytes]]:
+    """The prefix pointers of a row file (none when its metadata does not parse)."""
+    try:
+        meta = parse_metadata(blob, len(blob)).meta
+        lengths = pointer_lengths(meta.n_tokens)
+        hasher = PrefixHasher(meta.fingerprint, meta.quant, meta.ctx_hash)
+        keys = hasher.keys_at_packed(meta.tokens, lengths)
+    except KvcError:
+        return []
+    value = encode_pointer(key, meta.n_tokens)
+    return [(keys[n], value) for n in lengths]
+
+
+def _starts_with(meta: KvcMeta, probe: Probe) -> bool:
+    """Whether the row holds the prefix whose pointer led to it."""
+    head = meta.tokens[: 4 * probe.length]
+    return make_key_packed(meta.fingerprint, meta.quant, meta.ctx_hash, head) == probe.key

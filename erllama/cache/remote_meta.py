@@ -6,7 +6,7 @@ network and the files are ``remote_io.RemoteIO``'s threads; the decisions are
 
 ::
 
-    worker --longest_prefix_checkout--> meta: local trie
+    worker --longest_prefix_checkout--> meta: local trie (lookup_plan: exact keys + pointers)
         | local row covers the prompt, or no remote row could beat it: answer now
         | store marked down (Breaker): answer now, count remote_skipped
         v
@@ -36,7 +36,15 @@ from typing import TYPE_CHECKING, Any
 
 from erllama.cache.keys import KvcError, PrefixHasher
 from erllama.cache.ledger import Ledger
-from erllama.cache.remote import Breaker, LookupDone, LookupJob, Upload, UploadDone, probe_plan
+from erllama.cache.remote import (
+    Breaker,
+    LookupDone,
+    LookupJob,
+    Probe,
+    Upload,
+    UploadDone,
+    lookup_plan,
+)
 from erllama.cache.rows import Effects, row_data
 from erllama.cache.tiers import TierLayout
 from erllama.config import CacheConfig, TierConfig
@@ -106,7 +114,7 @@ class RemoteMeta:
             return False
         ns = (m.fingerprint, m.quant, m.ctx_hash)
         local = self.ledger.longest_prefix_len(ns, m.tokens)
-        plan = probe_plan(
+        plan = lookup_plan(
             len(m.tokens) // 4, local, m.min_len, self._aligns, self.remote_cfg.max_probe_keys
         )
         if not plan:
@@ -115,7 +123,7 @@ class RemoteMeta:
             self.ledger.count("remote_skipped")
             return False
         try:
-            keys = PrefixHasher(*ns).keys_at_packed(m.tokens, plan)
+            keys = PrefixHasher(*ns).keys_at_packed(m.tokens, [n for n, _ in plan])
         except KvcError:
             return False
         if self._breaker.down:  # one trial per back-off, not a herd
@@ -124,9 +132,8 @@ class RemoteMeta:
         self._next_waiter += 1
         deadline_s = self.remote_cfg.lookup_deadline_ms / 1000
         self._waiting[waiter] = (self._ident, m, self.clock() + int(deadline_s * NS))
-        self.remote.lookup(
-            LookupJob(waiter, [keys[n] for n in plan], time.monotonic() + deadline_s)
-        )
+        probes = [Probe(keys[n], n, pointer) for n, pointer in plan]
+        self.remote.lookup(LookupJob(waiter, probes, time.monotonic() + deadline_s))
         self.ledger.count("remote_probes")
         return True
 
@@ -185,6 +192,8 @@ class RemoteMeta:
             if code != "missing_chunk":  # evicted chunks are the store's policy, not damage
                 self.ledger.count("remote_corrupt")
             log.warning("event=remote_row_dropped key=%s reason=%s", key.hex()[:16], code)
+        if d.stale_pointers:
+            self.ledger.count("remote_pointers_stale", d.stale_pointers)
         self._store_state(d.error, ok=True)
         if d.key is not None and d.meta is not None:
             tier = self.remote.promote_tier if self.remote is not None else "ram"
@@ -193,9 +202,11 @@ class RemoteMeta:
             )
             self.apply(eff)
             self.ledger.count("remote_hits")
+            if d.pointer:
+                self.ledger.count("remote_pointer_hits")
             log.info(
-                "event=remote_hit key=%s tokens=%d bytes=%d ms=%.1f status=%s",
-                d.key.hex()[:16], d.meta.n_tokens, d.size, d.fetch_ns / 1e6, status,
+                "event=remote_hit key=%s tokens=%d bytes=%d ms=%.1f status=%s pointer=%s",
+                d.key.hex()[:16], d.meta.n_tokens, d.size, d.fetch_ns / 1e6, status, d.pointer,
             )  # fmt: skip
         elif not d.error:
             self.ledger.count("remote_misses")

@@ -68,6 +68,8 @@ COUNTER_NAMES: tuple[str, ...] = (
     # the shared remote tier (cache/remote.py); the store down is a miss, never an error
     "remote_probes",  # lookups sent to the store (one pipelined round trip each)
     "remote_hits",  # rows fetched, verified and promoted into the local tier
+    "remote_pointer_hits",  # of them, rows found through a prefix pointer (any length)
+    "remote_pointers_stale",  # pointers to a row gone or not a prefix (deleted: a miss)
     "remote_misses",  # lookups that found no usable row (absent, evicted, dropped, late)
     "remote_errors",  # calls the store did not answer (down, refused, past timeout_ms)
     "remote_skipped",  # lookups not sent because the store was marked down (back-off)

@@ -33,6 +33,8 @@ ITL_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
 REMOTE_COUNTERS: dict[str, str] = {
     # meta counter (cache/rows.py) -> help text; exported as erllama_<name>
     "remote_hits": "Rows fetched from the remote tier, verified and promoted to ram",
+    "remote_pointer_hits": "Remote hits found through a prefix pointer (rows of any length)",
+    "remote_pointers_stale": "Remote prefix pointers to a row gone or not a prefix (deleted)",
     "remote_misses": "Remote lookups that found no usable row",
     "remote_errors": "Calls the remote store did not answer (down, refused, too slow)",
     "remote_skipped": "Remote lookups skipped while the store was marked down",

@@ -19,9 +19,16 @@ import pytest
 import redis
 
 from erllama.cache.client import MetaClient
-from erllama.cache.keys import make_key_packed
+from erllama.cache.keys import PrefixHasher, make_key_packed
 from erllama.cache.kvc import KvcMeta
-from erllama.cache.remote import chunk_key, decode_manifest, manifest_key
+from erllama.cache.remote import (
+    chunk_key,
+    decode_manifest,
+    decode_pointer,
+    encode_pointer,
+    manifest_key,
+    pointer_key,
+)
 from erllama.cache.tiers import load_row, publish
 from tests.support.cache import (
     CTX,
@@ -264,3 +271,66 @@ def test_a_store_down_when_meta_starts_is_found_later(
             return True
 
         wait_until(c_hits, 30, "C served from the store once it came up")
+
+
+# ================================================================ prefix pointers
+TURN = list(range(1000, 1700))  # 700 tokens: a finish row (prompt + reply), not 2048-aligned
+
+
+def test_a_row_of_any_length_is_found_by_a_longer_prompt_through_a_pointer(
+    pair: tuple[MetaEnv, MetaEnv], redis_server: RedisServer
+) -> None:
+    a, b = pair
+    ca, cb = a.client(), b.client()
+    meta = save(a, ca, TURN)
+    uploaded(ca, 1)
+    r = store(redis_server)
+    hasher = PrefixHasher(*NAMESPACE)
+    prefixes = hasher.keys_at_packed(packed(TURN), [256, 512])
+    for n in (256, 512):  # the row's aligned prefixes point at it
+        assert decode_pointer(r.get(pointer_key(PREFIX, prefixes[n]))) == (meta.key(), 700)
+    prompt = packed([*TURN, *range(5000, 5200)])  # the next turn: this row + new text
+    assert r.get(pointer_key(PREFIX, hasher.keys_at_packed(prompt, [768])[768])) is None
+    row_bytes = sum(r.memory_usage(k) for k in r.keys(f"{PREFIX}[mc]:*"))
+    ptr_bytes = sum(r.memory_usage(k) for k in r.keys(f"{PREFIX}p:*"))
+    assert (
+        0 < ptr_bytes <= 2 * 256 and row_bytes > 100_000
+    )  # 184 B per pointer (redis 7, with its TTL)
+
+    # 900 tokens: no exact key of B's probe (900, none at 2048) is stored
+    found = cb.longest_prefix_checkout(NAMESPACE, prompt, min_len=1)
+    assert found is not None
+    common, pin = found
+    assert common == 700 and pin.row.key == meta.key() and pin.row.tier == "ram"
+    cb.checkin(pin.pin_ref)
+    got = cb.counters()
+    assert (got["remote_hits"], got["remote_pointer_hits"], got["remote_probes"]) == (1, 1, 1)
+    assert got["remote_corrupt"] == 0 and got["remote_pointers_stale"] == 0
+    r.close()
+
+
+def test_a_pointer_to_a_row_gone_from_the_store_is_a_miss_and_is_deleted(
+    pair: tuple[MetaEnv, MetaEnv], redis_server: RedisServer
+) -> None:
+    a, b = pair
+    ca, cb = a.client(), b.client()
+    meta = save(a, ca, TURN)
+    uploaded(ca, 1)
+    r = store(redis_server)
+    r.delete(manifest_key(PREFIX, meta.key()))  # evicted
+    prompt = packed([*TURN, *range(5000, 5200)])
+    assert cb.longest_prefix_checkout(NAMESPACE, prompt, min_len=1) is None
+    got = cb.counters()
+    assert got["remote_misses"] == 1 and got["remote_hits"] == 0
+    assert got["remote_pointers_stale"] == 2  # 512 and 256, each deleted
+    assert r.keys(f"{PREFIX}p:*") == []
+    # a pointer to a row that does not hold the prefix (a lying store) is no hit either
+    other = save(a, ca, list(range(1, 301)))
+    uploaded(ca, 2)
+    r.set(pointer_key(PREFIX, PrefixHasher(*NAMESPACE).keys_at_packed(prompt, [768])[768]),
+          encode_pointer(other.key(), 300))  # fmt: skip
+    assert cb.longest_prefix_checkout(NAMESPACE, prompt, min_len=1) is None
+    got = cb.counters()
+    assert got["remote_pointers_stale"] == 3 and got["remote_hits"] == 0
+    assert b.files("ram") == []
+    r.close()

@@ -14,9 +14,14 @@ from erllama.cache.remote import (
     UploadQueue,
     chunk_key,
     decode_manifest,
+    decode_pointer,
     encode_manifest,
+    encode_pointer,
+    lookup_plan,
     manifest_key,
     n_chunks_for,
+    pointer_key,
+    pointer_lengths,
     probe_plan,
     split_row,
     verify_chunks,
@@ -143,6 +148,49 @@ def test_probe_plan_properties(
     if plan:
         assert plan[0] == n
     assert all(x == n or any(a > 0 and x % a == 0 for a in aligns) for x in plan)
+
+
+# ================================================================ prefix pointers
+def test_a_row_gets_pointers_at_its_aligned_prefixes_longest_first_capped() -> None:
+    assert pointer_lengths(1000) == [768, 512, 256]
+    assert pointer_lengths(512) == [512, 256]  # its own length too: a longer prompt asks there
+    assert pointer_lengths(255) == []
+    assert pointer_lengths(100_000) == list(range(99_840, 99_840 - 32 * 256, -256))
+    assert pointer_lengths(1000, floor=513) == [768]
+    assert pointer_lengths(1000, align=0) == [] and pointer_lengths(1000, max_keys=0) == []
+
+
+def test_pointer_codec_round_trips_and_refuses_garbage() -> None:
+    key = bytes(range(32))
+    assert decode_pointer(encode_pointer(key, 2345)) == (key, 2345)
+    assert pointer_key("p:", key) == "p:p:" + key.hex()
+    for raw in (b"", encode_pointer(key, 1)[:-1], encode_pointer(key, 0)):
+        with pytest.raises(RemoteRowError) as exc:
+            decode_pointer(raw)
+        assert exc.value.code == "bad_pointer"
+
+
+def test_lookup_plan_merges_pointers_with_the_exact_keys_best_first() -> None:
+    # a 3000-token prompt: its own row, the 2048 save alignment, pointers every 256
+    plan = lookup_plan(3000, 0, 1, [2048], 16, max_pointers=4)
+    assert plan == [(3000, False), (2816, True), (2560, True), (2304, True),
+                    (2048, True), (2048, False)]  # fmt: skip
+    # only what beats the local index: the floor applies to the pointers too
+    assert lookup_plan(3000, 2560, 1, [2048], 16) == [(3000, False), (2816, True)]
+    assert lookup_plan(3000, 3000, 1, [2048], 16) == []
+    assert lookup_plan(300, 0, 1, [2048], 16) == [(300, False), (256, True)]
+
+
+@given(st.integers(0, 20_000), st.integers(0, 20_000), st.integers(0, 2000),
+       st.integers(0, 40), st.integers(0, 40))  # fmt: skip
+def test_lookup_plan_properties(n: int, local: int, min_len: int, cap: int, ptrs: int) -> None:
+    plan = lookup_plan(n, local, min_len, [2048], cap, max_pointers=ptrs)
+    exact = [x for x, pointer in plan if not pointer]
+    assert exact == probe_plan(n, local, min_len, [2048], cap)
+    pointers = [x for x, pointer in plan if pointer]
+    assert len(pointers) <= ptrs and all(x % 256 == 0 for x in pointers)
+    assert all(max(local + 1, min_len, 1) <= x <= n for x, _ in plan)
+    assert plan == sorted(plan, reverse=True)  # by length, a pointer first on a tie
 
 
 # ================================================================ write-behind queue
