@@ -488,7 +488,7 @@ class Engine:
             try:
                 sampler = self.backend.new_sampler(0, req.sampler_opts)
             except ErllamaError as exc:  # grammar_failed, badarg: the KV is untouched
-                self._emit(req.client_id, error_reply(req.request_id, exc.code, exc.message))
+                self._terminal(req, error_reply(req.request_id, exc.code, exc.message))
                 return
             self._set_phase("prefilling")
             self._prefill(req)
@@ -500,12 +500,12 @@ class Engine:
         except ErllamaError as exc:
             log.info("request %s failed: %s", req.request_id, exc)
             self.saves.clear_kv()  # a failed decode leaves the KV unknown
-            self._emit(req.client_id, error_reply(req.request_id, exc.code, exc.message))
+            self._terminal(req, error_reply(req.request_id, exc.code, exc.message))
         except Exception as exc:
             tb = traceback.format_exc()
             log.error("event=request_crashed request=%s\n%s", req.request_id, tb)
-            self._emit(
-                req.client_id,
+            self._terminal(
+                req,
                 error_reply(
                     req.request_id,
                     ErrorCode.INTERNAL,
@@ -621,7 +621,7 @@ class Engine:
         )
         if req.streaming:
             done = DoneEvent(request_id=req.request_id, seq=req.next_seq(), stats=stats)
-            self._emit(req.client_id, done)
+            self._terminal(req, done)
             return
         if req.mode == "prefill":
             prefill = PrefillResult(
@@ -631,13 +631,21 @@ class Engine:
                 cache_hit_kind=req.kind,
                 cache_delta=stats.cache_delta,
             )
-            self._emit(
-                req.client_id, Reply(request_id=req.request_id, result=encode_result(prefill))
-            )
+            self._terminal(req, Reply(request_id=req.request_id, result=encode_result(prefill)))
             return
         text = cut_at_stop(self.backend.detokenize(req.generated), req.stop_sequence)
         result = build_result(req, stats, text, context)
-        self._emit(req.client_id, Reply(request_id=req.request_id, result=encode_result(result)))
+        self._terminal(req, Reply(request_id=req.request_id, result=encode_result(result)))
+
+    def _terminal(self, req: Request, msg: Msg) -> None:
+        """A request's last message. The running one's phase ends first, and that status
+        goes out first: a client that asks ``status`` (answered from the router's table)
+        as soon as its reply arrives must not see its own request still running."""
+        if req is self._active:
+            self._active = None
+            self.active = 0
+            self._set_phase("idle")
+        self._emit(req.client_id, msg)
 
     # ================================================================ saver callback
     def on_save_done(self, job: SaveJob) -> None:

@@ -26,6 +26,7 @@ from erllama.protocol.messages import (
     ShutdownModel,
     TokenEvent,
     Tokenize,
+    WorkerStatus,
 )
 from erllama.protocol.tokens import pack_tokens, unpack_tokens
 from erllama.workers.engine import FatalEngineError, StopRequest
@@ -108,6 +109,20 @@ def test_phase_and_status_pushes() -> None:
     assert busy and all(s.queue_depth == 1 and s.active == 1 for s in busy)
     assert h.statuses()[-1].last_cache_hit is not None
     assert h.statuses()[-1].last_cache_hit.kind == "cold"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("mode", ["complete", "stream"])
+def test_the_idle_status_goes_out_before_the_terminal_message(mode: str) -> None:
+    # the router answers `status` from the pushes: one sent after the reply lets a client
+    # that asks at once see its own, finished request still running
+    h = Harness()
+    h.complete("r1", "hello", mode=mode)
+    h.run()
+    last = max(i for i, (_, m) in enumerate(h.out) if getattr(m, "request_id", None) == "r1")
+    before = [m for _, m in h.out[:last] if isinstance(m, WorkerStatus)]
+    after = [m for _, m in h.out[last:] if isinstance(m, WorkerStatus)]
+    assert before[-1].phase == "idle" and before[-1].active == 0, before[-1]
+    assert all(s.phase == "idle" for s in after)
 
 
 def test_fifo_order_and_pending_len() -> None:
