@@ -19,18 +19,17 @@ the only writer of the index and the owner of tier files it deletes).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
 import secrets
 import shutil
 import threading
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from erllama.cache.handoff import Handoff
 from erllama.cache.kvc import set_hit_count
 from erllama.cache.tiers import TierLayout, fsync_dir, validate_file
 
@@ -132,28 +131,19 @@ class Demoter:
     def __init__(self, layout: TierLayout) -> None:
         self.layout = layout
         self._jobs: queue.SimpleQueue[DemoteJob | None] = queue.SimpleQueue()
-        self._done: deque[DemoteJob] = deque()
-        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._done: Handoff[DemoteJob] = Handoff()
         self._thread = threading.Thread(target=self._run, name="demoter", daemon=True)
         self._thread.start()
 
     @property
     def fd(self) -> int:
-        return self._r
+        return self._done.fd
 
     def submit(self, job: DemoteJob) -> None:
         self._jobs.put(job)
 
     def take_done(self) -> list[DemoteJob]:
-        try:
-            while os.read(self._r, 512):
-                pass
-        except BlockingIOError:
-            pass
-        out = []
-        while self._done:
-            out.append(self._done.popleft())
-        return out
+        return self._done.take()
 
     def _run(self) -> None:
         while True:
@@ -169,9 +159,7 @@ class Demoter:
                         v.key.hex()[:16], v.tier, job.to_tier, exc,
                     )  # fmt: skip
                     job.copied[v.key] = None
-            self._done.append(job)
-            with contextlib.suppress(BlockingIOError):  # full: the loop wakes anyway
-                os.write(self._w, b"\0")
+            self._done.put(job)
 
     def stop(self) -> None:
         """Let queued jobs finish (bounded), then end the thread."""
@@ -180,5 +168,4 @@ class Demoter:
 
     def close(self) -> None:
         self.stop()
-        os.close(self._r)
-        os.close(self._w)
+        self._done.close()

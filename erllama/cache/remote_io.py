@@ -39,7 +39,6 @@ import queue
 import secrets
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -49,6 +48,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from erllama.cache.demote import place_row
+from erllama.cache.handoff import Handoff
 from erllama.cache.keys import PrefixHasher, make_key_packed
 from erllama.cache.kvc import KvcError, KvcMeta, parse_metadata, read_metadata
 from erllama.cache.remote import (
@@ -218,8 +218,7 @@ class RemoteIO:
         self._uploads = UploadQueue(cfg.upload_queue_rows, cfg.upload_queue_bytes)
         self._cv = threading.Condition()
         self._stopping = False
-        self._done: deque[Done] = deque()
-        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._done: Handoff[Done] = Handoff()
         self._threads = [
             threading.Thread(target=self._fetcher, name="remote-fetch", daemon=True),
             threading.Thread(target=self._uploader, name="remote-upload", daemon=True),
@@ -229,7 +228,7 @@ class RemoteIO:
 
     @property
     def fd(self) -> int:
-        return self._r
+        return self._done.fd
 
     # ------------------------------------------------------------ loop side
     def lookup(self, job: LookupJob) -> None:
@@ -243,15 +242,7 @@ class RemoteIO:
         return dropped
 
     def take_done(self) -> list[Done]:
-        try:
-            while os.read(self._r, 512):
-                pass
-        except BlockingIOError:
-            pass
-        out = []
-        while self._done:
-            out.append(self._done.popleft())
-        return out
+        return self._done.take()
 
     def close(self) -> None:
         """Stop both threads (a transfer in flight ends within ``timeout_ms``)."""
@@ -261,13 +252,10 @@ class RemoteIO:
         self._lookups.put(None)
         for t in self._threads:
             t.join(JOIN_TIMEOUT_S)
-        os.close(self._r)
-        os.close(self._w)
+        self._done.close()
 
     def _report(self, item: Done) -> None:
-        self._done.append(item)
-        with contextlib.suppress(BlockingIOError, OSError):  # full: the loop wakes anyway
-            os.write(self._w, b"\0")
+        self._done.put(item)
 
     # ------------------------------------------------------------ fetcher
     def _fetcher(self) -> None:
