@@ -12,7 +12,7 @@ engine tracks ``n_past`` per sequence; backends do not.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import msgspec
 
@@ -39,6 +39,20 @@ class BackendInfo(msgspec.Struct, frozen=True, kw_only=True):
     # rows at the end of a ragged llama.cpp batch take the kernel's remainder path, so the
     # llama backend re-prefills up to 31 reused tokens to stay bit-identical with cold runs.
     reuse_align: int = 1
+    # A warm prefill re-computes at least this many prompt tokens (unless stored logits end
+    # the prompt): with several sequences a prefill row is exact only in a 16..63-row chunk.
+    prefill_tail_min: int = 1
+    # A restored row may be truncated (False: per-sequence snapshots of a sliding-window
+    # model hold only the window's cells, so a row serves only prompts it is a prefix of).
+    partial_restore_exact: bool = True
+
+
+class DecodeItem(NamedTuple):
+    """One sequence's token in a generation step (``decode_step``)."""
+
+    seq: int
+    token: int
+    pos: int
 
 
 class SamplerOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -54,8 +68,10 @@ class SamplerOptions(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Sampler(Protocol):
-    def sample(self) -> int:
-        """Sample the next token from the logits of the last decoded position, and accept it."""
+    def sample(self, row: int = -1) -> int:
+        """Sample the next token from the logits of batch row ``row`` of the last decode
+        (-1: the last decoded position, which is the sampler's sequence after ``prefill`` /
+        ``decode_one``), and accept it."""
         ...
 
     def close(self) -> None: ...
@@ -110,8 +126,14 @@ class ModelBackend(Protocol):
         """Decode one token at ``pos`` with logits (the generation step)."""
         ...
 
-    def logits_snapshot(self) -> bytes:
-        """The logits of the last decoded position (valid right after prefill/decode_one).
+    def decode_step(self, items: Sequence[DecodeItem]) -> list[int]:
+        """Decode one token of each of several sequences in one step (one per sequence);
+        the batch row of each item's logits, in item order."""
+        ...
+
+    def logits_snapshot(self, row: int = -1) -> bytes:
+        """The logits of the last decoded position, or of batch row ``row`` of a
+        ``decode_step`` (valid right after prefill / decode_one / decode_step).
 
         Stored with a saved row, they let an exact hit sample its first token without
         re-decoding the last prompt token (DESIGN §3: measured, this wins by ~20 ms).

@@ -85,7 +85,8 @@ from erllama.protocol.errors import (
     ModelLoadError,
     NotSupportedError,
 )
-from erllama.workers.backend import LLAMA_STATE_FORMAT, BackendInfo, SamplerOptions
+from erllama.workers.backend import LLAMA_STATE_FORMAT, BackendInfo, DecodeItem, SamplerOptions
+from erllama.workers.numerics import PREFILL_MIN_ROWS, prefill_chunks
 
 log = logging.getLogger(__name__)
 
@@ -203,11 +204,12 @@ class LlamaSampler:
         self._owner = owner
         owner.samplers.add(self)
 
-    def sample(self) -> int:
-        """Sample from the logits of the last decoded position; the chain accepts the token."""
+    def sample(self, row: int = -1) -> int:
+        """Sample from the logits of batch row ``row`` of the last decode (-1: its last
+        row with logits); the chain accepts the token."""
         if self._chain is None:
             raise InternalError("sampler is closed")
-        return int(lc.llama_sampler_sample(self._chain, self._ctx, -1))
+        return int(lc.llama_sampler_sample(self._chain, self._ctx, row))
 
     def apply_logits(self, data: np.ndarray[Any, Any]) -> int:
         """Run the chain over a token-data array (``llama_sampler_apply``) and accept the pick."""
@@ -370,8 +372,9 @@ def _check_readable_gguf(path: str) -> None:
         )
 
 
-def _model_params(opts: ModelOpts, keep: list[Any]) -> Any:
+def _model_params(opts: ModelOpts, keep: list[Any], *, repack: bool) -> Any:
     p = lc.llama_model_default_params()
+    p.use_extra_bufts = repack  # repacked GEMMs compute rows in groups of 4 (numerics.py)
     p.n_gpu_layers = opts.n_gpu_layers
     p.main_gpu = opts.main_gpu
     p.split_mode = _SPLIT_MODES[opts.split_mode]
@@ -401,10 +404,13 @@ def _context_params(opts: ContextOpts) -> Any:
     n_threads = opts.n_threads if opts.n_threads is not None else (os.cpu_count() or 1)
     n_threads_batch = opts.n_threads_batch if opts.n_threads_batch is not None else n_threads
     p = lc.llama_context_default_params()
-    p.n_ctx = opts.n_ctx
-    p.n_batch = opts.n_batch
-    p.n_ubatch = opts.n_ubatch
-    p.n_seq_max = opts.n_seq_max
+    n_seq = opts.n_seq_max
+    # several sequences: one stream of n_ctx cells each (kv_unified off), a batch that holds
+    # two decode rows per sequence, ubatches that hold a whole 63-row prefill chunk
+    p.n_ctx = opts.n_ctx * n_seq
+    p.n_batch = opts.n_batch if n_seq == 1 else max(opts.n_batch, 2 * n_seq, 64)
+    p.n_ubatch = opts.n_ubatch if n_seq == 1 else max(opts.n_ubatch, 2 * n_seq, 64)
+    p.n_seq_max = n_seq
     p.n_threads = n_threads
     p.n_threads_batch = n_threads_batch
     p.embeddings = opts.embeddings
@@ -413,7 +419,7 @@ def _context_params(opts: ContextOpts) -> Any:
     p.type_k = _GGML_TYPES[opts.type_k]
     p.type_v = _GGML_TYPES[opts.type_v]
     p.swa_full = opts.swa_full
-    p.kv_unified = False  # each sequence owns n_ctx / n_seq_max cells
+    p.kv_unified = False  # each sequence owns a stream of n_ctx cells, kept in position order
     p.no_perf = True
     return p
 
@@ -474,7 +480,8 @@ class LlamaBackend:
         whole_cache: bool | None,
     ) -> None:
         _check_readable_gguf(path)
-        mparams = _model_params(spec.model_opts, self._keep)
+        self._multi = spec.context_opts.n_seq_max > 1
+        mparams = _model_params(spec.model_opts, self._keep, repack=not self._multi)
         _log_ring.clear()
         model = lc.llama_model_load_from_file(os.fsencode(path), mparams)
         if not model:
@@ -539,7 +546,11 @@ class LlamaBackend:
         )
         self.info = BackendInfo(
             backend="llama",
-            reuse_align=REUSE_ALIGN_TOKENS,
+            # several sequences: every prefill chunk has 16..63 rows, so a reuse of any
+            # length is exact once its tail is at least PREFILL_MIN_ROWS (numerics.py)
+            reuse_align=1 if self._multi else REUSE_ALIGN_TOKENS,
+            prefill_tail_min=PREFILL_MIN_ROWS if self._multi else 1,
+            partial_restore_exact=self.partial_restore_exact,
             n_ctx=self.n_ctx,
             n_vocab=self.n_vocab,
             n_batch=self.n_batch,
@@ -689,6 +700,12 @@ class LlamaBackend:
             )
         self._check_tokens(tokens)
         _log_ring.clear()
+        if self._multi:
+            off = 0
+            for size in prefill_chunks(n):
+                self._decode(seq, tokens[off : off + size], start_pos + off)
+                off += size
+            return
         step = self.n_batch
         for off in range(0, n, step):
             self._decode(seq, tokens[off : off + step], start_pos + off)
@@ -701,8 +718,65 @@ class LlamaBackend:
                 code=ErrorCode.CONTEXT_OVERFLOW,
             )
         self._check_token(token)
+        if self._multi:
+            self.decode_step([DecodeItem(seq, token, pos)])
+            return
         _log_ring.clear()
         self._decode(seq, (token,), pos)
+
+    def decode_step(self, items: Sequence[DecodeItem]) -> list[int]:
+        """One generation step of several sequences in one ``llama_decode``.
+
+        Each item's token is decoded at its position with logits; with several sequences
+        a throwaway copy follows at ``pos + 1`` (removed after the step), so every stream
+        has two rows and takes the layout-independent attention kernel (numerics.py).
+        Returns the batch row of each item's logits, for ``Sampler.sample(row)`` and
+        ``logits_snapshot(row)``.
+        """
+        if not items:
+            return []
+        seqs = {it.seq for it in items}
+        if len(seqs) != len(items):
+            raise ValueError("a decode step takes one token per sequence")
+        for it in items:
+            self._check_seq(it.seq)
+            if not 0 <= it.pos < self.n_ctx:
+                raise InvalidRequestError(
+                    f"position {it.pos} outside the context of {self.n_ctx}",
+                    code=ErrorCode.CONTEXT_OVERFLOW,
+                )
+            self._check_token(it.token)
+        batch = self._batch
+        row_of: dict[int, int] = {}
+        spare: list[DecodeItem] = []
+        i = 0
+        for it in sorted(items, key=lambda x: x.seq):  # split_equal wants ascending ids
+            row_of[it.seq] = i
+            pairs = [(it.pos, 1)]
+            if self._multi and it.pos + 1 < self.n_ctx:
+                pairs.append((it.pos + 1, 0))
+                spare.append(it)
+            for pos, out in pairs:
+                batch.token[i] = it.token
+                batch.pos[i] = pos
+                batch.seq_id[i][0] = it.seq
+                batch.logits[i] = out
+                i += 1
+        batch.n_tokens = i
+        self._batch_seq = -1  # the seq ids were overwritten: _decode sets them again
+        _log_ring.clear()
+        rc = int(lc.llama_decode(self._ctx, batch))
+        for it in spare:
+            lc.llama_memory_seq_rm(self._mem, it.seq, it.pos + 1, -1)
+        if rc == 1:
+            raise InvalidRequestError(
+                f"no KV slot for a step of {len(items)} sequences",
+                code=ErrorCode.CONTEXT_OVERFLOW,
+            )
+        if rc != 0:
+            detail = _recent_errors()
+            raise InternalError(f"llama_decode returned {rc}" + (f": {detail}" if detail else ""))
+        return [row_of[it.seq] for it in items]
 
     def prefill_all_logits(self, seq: int, tokens: Sequence[int], start_pos: int) -> list[int]:
         """Decode ``tokens`` like ``prefill`` with logits for every row; the argmax of each.
@@ -739,14 +813,16 @@ class LlamaBackend:
         self._check_seq(seq)
         return LlamaSampler(_build_chain(self._vocab, self.n_vocab, opts), self._ctx, self._h)
 
-    def logits_snapshot(self) -> bytes:
-        """The logits of the last decoded position: ``n_vocab`` little-endian f32.
+    def logits_snapshot(self, row: int = -1) -> bytes:
+        """The logits of batch row ``row`` of the last decode (-1: the last position):
+        ``n_vocab`` little-endian f32.
 
-        Valid only right after ``prefill`` / ``decode_one`` (of any sequence): a restore does
-        not touch them, so after one they still belong to whatever was decoded before.
+        Valid only right after ``prefill`` / ``decode_one`` / ``decode_step`` (of any
+        sequence): a restore does not touch them, so after one they still belong to
+        whatever was decoded before.
         """
         self._check_open()
-        ptr = lc.llama_get_logits_ith(self._ctx, -1)
+        ptr = lc.llama_get_logits_ith(self._ctx, row)
         if not ptr:
             raise InternalError("no logits: nothing decoded with output")
         return ctypes.string_at(ptr, 4 * self.n_vocab)

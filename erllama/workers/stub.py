@@ -79,7 +79,7 @@ from erllama.protocol.errors import (
     NotSupportedError,
 )
 from erllama.protocol.tokens import pack_tokens
-from erllama.workers.backend import BackendInfo, SamplerOptions
+from erllama.workers.backend import BackendInfo, DecodeItem, SamplerOptions
 
 if TYPE_CHECKING:
     from erllama.workers.saver import SaveJob, Writer
@@ -139,7 +139,8 @@ class StubSampler:
         if temp is not None and temp > 0:
             self._salt = struct.pack("<q", int(opts.seed or 0)) + struct.pack("<d", float(temp))
 
-    def sample(self) -> int:
+    def sample(self, row: int = -1) -> int:
+        """The stub's sampler knows its sequence: ``row`` changes nothing."""
         return self._backend.next_token(self._seq, self._salt)
 
     def sample_tokens(self, tokens: list[int]) -> int:
@@ -212,6 +213,7 @@ class StubBackend:
         self._decodes = 0  # generation decodes so far (the fault counters)
         self._prefilled = 0
         self._last_decoded = 0
+        self._step_seqs: list[int] = []
         if opts.idle_fault and opts.fault_arm_path:
             threading.Thread(target=self._idle_watch, name="stub-idle-fault", daemon=True).start()
 
@@ -296,18 +298,31 @@ class StubBackend:
         s.tokens.extend(tokens)
         s.has_logits = True
         self._last_decoded = seq
+        self._step_seqs = [seq]
 
     def decode_one(self, seq: int, token: int, pos: int) -> None:
-        s = self._seq(seq)
-        self._check_pos(s, pos, 1)
-        self._check_ids((token,))
+        self.decode_step([DecodeItem(seq, token, pos)])
+
+    def decode_step(self, items: Sequence[DecodeItem]) -> list[int]:
+        """Every item decoded in one step: one ``token_delay_ms``, one fault point."""
+        if not items:
+            return []
+        if len({it.seq for it in items}) != len(items):
+            raise ValueError("a decode step takes one token per sequence")
+        for it in items:
+            self._check_pos(self._seq(it.seq), it.pos, 1)
+            self._check_ids((it.token,))
         self._fault_point()
         if self._opts.token_delay_ms > 0:
             self._stop.wait(self._opts.token_delay_ms / 1000.0)
-        s.tokens.append(token)
-        s.has_logits = True
-        self._last_decoded = seq
+        for it in items:
+            s = self._seq(it.seq)
+            s.tokens.append(it.token)
+            s.has_logits = True
+        self._last_decoded = items[-1].seq
+        self._step_seqs = [it.seq for it in items]
         self._decodes += 1
+        return list(range(len(items)))
 
     def _fault_point(self) -> None:
         o = self._opts
@@ -388,13 +403,14 @@ class StubBackend:
             raise NotSupportedError("the stub backend has no grammar support")
         return StubSampler(self, seq, opts)
 
-    def logits_snapshot(self) -> bytes:
-        """The stub's "logits": the token list of the last decoded sequence, tagged.
+    def logits_snapshot(self, row: int = -1) -> bytes:
+        """The stub's "logits": the token list of the last decoded sequence (of the step's
+        ``row``-th item), tagged.
 
         Sampling from them predicts exactly what decoding that sequence would, so
         logits stored at the wrong position give a different continuation.
         """
-        s = self._seq(self._last_decoded)
+        s = self._seq(self._last_decoded if row < 0 else self._step_seqs[row])
         if not s.has_logits:
             raise RuntimeError("no logits: the last position was not decoded")
         return LOGITS_MAGIC + pack_tokens(s.tokens)

@@ -476,9 +476,9 @@ class SpySampler:
     def __init__(self, inner: StubSampler, log: list[str], name: str) -> None:
         self._inner, self._log, self._name = inner, log, name
 
-    def sample(self) -> int:
+    def sample(self, row: int = -1) -> int:
         self._log.append(self._name)
-        return self._inner.sample()
+        return self._inner.sample(row)
 
     def sample_tokens(self, tokens: list[int]) -> int:
         return self._inner.sample_tokens(tokens)

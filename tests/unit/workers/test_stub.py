@@ -248,3 +248,38 @@ def test_process_crash_modes(mode: str, expected: int) -> None:
     )
     assert proc.returncode == expected, proc.stderr.decode()
     assert proc.stdout.decode().count("token") == 2
+
+
+def test_a_decode_step_advances_every_sequence_as_its_own_decode_would() -> None:
+    from erllama.config import ContextOpts
+    from erllama.workers.backend import DecodeItem
+
+    spec = ModelSpec(
+        id="m",
+        backend="stub",
+        stub=StubOpts(n_ctx=256, n_vocab=300),
+        context_opts=ContextOpts(n_seq_max=3, n_batch=8),
+    )
+    b = StubBackend(spec)
+    prompts = [[1, 5, 7, 9], [1, 8], [1, 40, 41]]
+    alone = []
+    for p in prompts:
+        alone.append(generate(b, p, 6))
+        b.seq_clear(0)
+    samplers = []
+    for seq, p in enumerate(prompts):
+        b.prefill(seq, p, 0)
+        samplers.append(b.new_sampler(seq, SamplerOptions()))
+    out: list[list[int]] = [[], [], []]
+    for _ in range(6):
+        items = []
+        for seq in (2, 0, 1):  # any order: rows follow the items
+            tok = samplers[seq].sample()
+            out[seq].append(tok)
+            items.append(DecodeItem(seq, tok, len(b.seq_tokens(seq))))
+        rows = b.decode_step(items)
+        assert rows == [0, 1, 2]
+        assert b.logits_snapshot(rows[0]) != b.logits_snapshot(rows[1])
+    assert out == alone
+    with pytest.raises(ValueError, match="one token per sequence"):
+        b.decode_step([DecodeItem(0, 3, 10), DecodeItem(0, 4, 11)])
