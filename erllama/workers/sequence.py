@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 MIN_PARTIAL_TOKENS = 32  # skip a longest-prefix match shorter than this ...
 MIN_PARTIAL_RATIO = 4  # ... or than 1/4 of the row (llama.cpp's host cache rule)
 LADDER_MAX_RUNGS = 4
+WINDOW_ROW_PROBES = 6  # aligned prefix rows tried by key when rows hold only the window
 KNOWN_KEYS_MAX = 4096
 _ZERO32 = bytes(32)
 
@@ -85,6 +86,8 @@ class KvState:
     finished prefilling, or restored with a row): a later request whose prompt is
     exactly ``tokens[:n]`` samples from them instead of re-decoding its last token.
     ``fresh`` says the backend's current logits belong to the end of ``tokens``.
+    ``floor``: the sequence may not be truncated below this (the length of a restored
+    row that holds only the sliding window's cells, ``BackendInfo.partial_restore_exact``).
     """
 
     MAX_LOGITS = 4
@@ -95,6 +98,7 @@ class KvState:
         self.session: str | None = None
         self.logits_at: dict[int, bytes] = {}
         self.fresh = False
+        self.floor = 0
 
     def extend(self, tokens: Sequence[int]) -> None:
         self.tokens.extend(tokens)
@@ -118,8 +122,12 @@ class KvState:
         self.session = None
         self.logits_at = {}
         self.fresh = False
+        self.floor = 0
 
-    def restored(self, tokens: Sequence[int], logits: bytes | None = None) -> None:
+    def restored(
+        self, tokens: Sequence[int], logits: bytes | None = None, *, floor: int = 0
+    ) -> None:
+        self.floor = floor
         self.tokens = list(tokens)
         self.cached_upto = len(self.tokens)
         self.session = None
@@ -208,6 +216,8 @@ class SeqCache:
             # a few shared tokens (a BOS) are not worth keeping: their KV came from another
             # prompt's batch, and a cold run must not depend on what ran before it
             live = 0
+        elif self._start(live, n, n in self.kv.logits_at) < self.kv.floor:
+            live = 0  # it would truncate a window-only restored row
         found: tuple[int, str] | None = None
         if live < n - 1:
             t0 = time.perf_counter_ns()
@@ -234,11 +244,11 @@ class SeqCache:
             req.kind = "sticky"
         else:
             req.kind = "exact" if common == n else "partial" if common else "cold"
-        start = n - 1 if common == n else common
-        if common == n and (logits := self.kv.logits_at.get(n)) is not None:
+        logits = self.kv.logits_at.get(n) if common == n else None
+        start = self._start(common, n, logits is not None)
+        if start == n:
             # stored logits of the prompt's end: sample from them, no primer decode
             # (bit-exact with the cold run, and ~20 ms faster on the real model)
-            start = n
             req.first_logits = logits
         cached = min(self.kv.cached_upto, common)
         if start == 0:
@@ -260,6 +270,16 @@ class SeqCache:
         )
         return start
 
+    def _start(self, common: int, n: int, have_logits: bool) -> int:
+        """Where the prefill starts when ``common`` of ``n`` prompt tokens are reused.
+
+        Stored logits of the whole prompt: ``n``. Else at least ``prefill_tail_min``
+        tokens are prefilled again (1 on a one-sequence context: the primer).
+        """
+        if common >= n and have_logits:
+            return n
+        return max(0, min(common, n - self.backend.info.prefill_tail_min))
+
     def _lookup(self, req: Request, live: int) -> tuple[int, str] | None:
         """Steps 2-4; ``live`` is the floor a row must beat (in prefill start terms)."""
         prompt = req.prompt
@@ -274,6 +294,8 @@ class SeqCache:
                 if common:
                     return common, "hits_resume"
         min_len = max(live + 1, MIN_PARTIAL_TOKENS)
+        if not self.backend.info.partial_restore_exact:
+            return self._lookup_window_rows(prompt, live, min_len)
         cand = self.cache.checkout_longest(self.ns, prompt, min_len=min_len)
         if cand is not None:
             if cand.match_len * MIN_PARTIAL_RATIO < cand.n_tokens or cand.match_len < min_len:
@@ -282,6 +304,30 @@ class SeqCache:
             common = self._restore(cand, prompt, live, need_prefix=False)
             if common:
                 return common, "hits_longest_prefix"
+        return None
+
+    def _lookup_window_rows(
+        self, prompt: list[int], live: int, min_len: int
+    ) -> tuple[int, str] | None:
+        """Step 4 when rows hold only the sliding window (``partial_restore_exact`` off).
+
+        Such a row cannot be truncated, so only a row that is a prefix of the prompt and
+        ends at least ``prefill_tail_min`` tokens before it serves. The trie gives the
+        longest match; the rows at the aligned lengths below it (the checkpoint ladder's
+        and continued saves' lengths) are tried by key, longest first, a few at most.
+        """
+        n = len(prompt)
+        match = self.cache.longest_prefix_len(self.ns, prompt, min_len=min_len)
+        align = max(1, self.policy.boundary_align_tokens)
+        length = min(match, n - self.backend.info.prefill_tail_min)
+        length -= length % align
+        for _ in range(WINDOW_ROW_PROBES):
+            if length < min_len:
+                return None
+            cand = self.cache.checkout(make_key(*self.ns, prompt[:length]))
+            if cand is not None and self._restore(cand, prompt, live, need_prefix=True):
+                return length, "hits_longest_prefix"
+            length -= align
         return None
 
     def _restore(self, cand: Candidate, prompt: list[int], live: int, *, need_prefix: bool) -> int:
@@ -300,6 +346,9 @@ class SeqCache:
                     return 0
                 if min(common, n - 1) <= live:  # no better than the live KV after the primer
                     return 0
+                window_only = not self.backend.info.partial_restore_exact
+                if window_only and self._start(common, n, loaded.logits is not None) != len(row):
+                    return 0  # a window-only row serves only what continues it, unshortened
                 self.backend.seq_clear(0)
                 self.kv.clear()
                 try:
@@ -309,7 +358,7 @@ class SeqCache:
                     self.backend.seq_clear(0)
                     self.cache.report_corrupt(cand.key, "restore_rejected")
                     return 0
-                self.kv.restored(row, loaded.logits)
+                self.kv.restored(row, loaded.logits, floor=len(row) if window_only else 0)
                 self.known.add(cand.key)
                 return common
             finally:
