@@ -34,10 +34,11 @@ Request flow (REFERENCE §8 with its R:s):
   may be empty: partial UTF-8, or held back because it could start a stop
   string); the held-back tail goes out with the last token. A cancelled
   stream does not flush it.
-* Models with thinking / tool-call markers generate through ``spans.py``
-  (span events, hidden thinking tokens that still go into the KV and
-  ``KvState``). ``verify`` (``speculative.py``) runs only on an idle model
-  and leaves the live KV truncated to the part it reused (D28).
+* One generation loop (``_generate``) over a sink (``generation.py``): plain
+  text, or the span events of a model with thinking / tool-call markers
+  (``spans.py``: hidden thinking tokens still go into the KV and ``KvState``).
+  ``verify`` (``speculative.py``) runs only on an idle model and leaves the
+  live KV truncated to the part it reused (D28).
 
 An unexpected exception inside a request is answered ``internal`` and raised
 as ``FatalEngineError``: the backend state may be corrupt, so the worker exits
@@ -79,7 +80,6 @@ from erllama.protocol.messages import (
     Reply,
     ShutdownModel,
     ShutdownSaving,
-    TokenEvent,
     Tokenize,
     Verify,
     WorkerStatus,
@@ -90,11 +90,12 @@ from erllama.workers.adapters import ADAPTER_OPS, AdapterSet
 from erllama.workers.backend import ModelBackend, Sampler
 from erllama.workers.cachelink import WorkerCache
 from erllama.workers.chat import ChatTemplate
+from erllama.workers.generation import new_sink
 from erllama.workers.request import Request, admit, build_result, build_stats
 from erllama.workers.sequence import KvState, SeqCache
-from erllama.workers.spans import SpanSetup, generate_spans
+from erllama.workers.spans import SpanSetup
 from erllama.workers.speculative import verify
-from erllama.workers.textstream import TextStream, cut_at_stop
+from erllama.workers.textstream import cut_at_stop
 
 if TYPE_CHECKING:
     from erllama.workers.saver import SaveJob
@@ -559,45 +560,38 @@ class Engine:
                 return
 
     def _generate(self, req: Request, sampler: Sampler) -> None:
-        if self.spans is not None:
-            generate_spans(self, req, sampler, self.spans, emit=self._emit, poll=self._poll)
-            return
-        text = TextStream(req.stop_sequences)
-        while True:
-            if req.first_logits is not None:
-                tok = self.backend.sample_from_logits(sampler, req.first_logits)
-                req.first_logits = None
-            else:
-                tok = sampler.sample()
-            req.generated.append(tok)
-            fragment = text.feed(self.backend.token_to_piece(tok))
-            req.stop_sequence = text.matched
-            done = (
-                req.stop_sequence is not None
-                or self.backend.is_eog(tok)
-                or len(req.generated) >= req.max_tokens
-            )
-            if done:
-                fragment += text.finish()
-            if req.streaming:
-                self._emit(
-                    req.client_id,
-                    TokenEvent(
-                        request_id=req.request_id, seq=req.next_seq(), text=fragment, token_id=tok
-                    ),
+        """The one generation loop (``generation.py``): sample, emit, decode, save, poll."""
+        sink = new_sink(self.backend, req, self.spans)
+        try:
+            while True:
+                if req.first_logits is not None:
+                    tok = self.backend.sample_from_logits(sampler, req.first_logits)
+                    req.first_logits = None
+                else:
+                    tok = sink.sampler(sampler).sample()
+                events, done = sink.accept(
+                    tok, eog=self.backend.is_eog(tok), kv_len=len(self.kv.tokens) + 1
                 )
-            # decode after the token is on its way: the client sees it one decode sooner
-            # (time to first token), and every committed token still ends up in KV (D27)
-            self.backend.decode_one(0, tok, len(self.kv.tokens))
-            self.kv.append(tok)
-            self.tokens_total += 1
-            if done:
-                return
-            if self.saves.continued_due(req):
-                self.saves.save_gated(req, SaveReason.CONTINUED)
-            self._poll()
-            if req.cancelled:
-                return
+                for msg in events:
+                    self._emit(req.client_id, msg)
+                # decode after the token is on its way: the client sees it one decode sooner
+                # (time to first token), and every committed token still ends up in KV (D27)
+                self.backend.decode_one(0, tok, len(self.kv.tokens))
+                self.kv.append(tok)  # hidden thinking tokens too
+                self.tokens_total += 1
+                if done:
+                    return
+                if inject := sink.inject():
+                    self.backend.prefill(0, inject, len(self.kv.tokens))
+                    self.kv.extend(inject)
+                    self.tokens_total += len(inject)
+                if self.saves.continued_due(req):
+                    self.saves.save_gated(req, SaveReason.CONTINUED)
+                self._poll()
+                if req.cancelled:
+                    return
+        finally:
+            sink.close()
 
     # ================================================================ finishing
     def _finish(self, req: Request) -> None:

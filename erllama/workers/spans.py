@@ -40,12 +40,12 @@ and ``tool_call_markers``) are matched in the decoded text stream:
   cache key) is exactly what is in the KV (D27 R), so it includes the
   thinking tokens that ``generated`` leaves out.
 
-* ``generate_spans`` is the engine's generation loop for a model with markers
-  (the engine keeps its plain loop for models without): it samples with a
-  greedy chain inside a tool-call span outside its payload (built only when
-  tool-call markers are configured, D12 R), counts the response limit in
-  visible tokens (held-back tokens count once decided, so a false marker start
-  can take the reply a few tokens past it), and stops when the KV is full.
+* ``generation.SpanSink`` feeds ``SpanRun`` from the engine's one generation
+  loop: it samples with a greedy chain inside a tool-call span outside its
+  payload (built only when tool-call markers are configured, D12 R), counts the
+  response limit in visible tokens (held-back tokens count once decided, so a
+  false marker start can take the reply a few tokens past it), and stops when
+  the KV is full.
 
 Marker tokens that render as nothing (llama.cpp control tokens: their piece is
 empty unless ``special`` is asked for) are mapped back to their marker text
@@ -63,13 +63,11 @@ import codecs
 import hashlib
 import hmac
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
-from erllama.cache.kvc import SaveReason
 from erllama.config import Markers, ModelSpec
 from erllama.protocol.errors import ErrorCode, InvalidRequestError
 from erllama.protocol.messages import (
@@ -80,12 +78,12 @@ from erllama.protocol.messages import (
     ToolCallDelta,
     ToolCallEnd,
 )
-from erllama.workers.backend import ModelBackend, Sampler, SamplerOptions
+from erllama.workers.backend import ModelBackend
 from erllama.workers.request import Request
 from erllama.workers.textstream import TextStream
 
 if TYPE_CHECKING:
-    from erllama.workers.engine import Engine
+    pass
 
 State = Literal["plain", "think", "tool"]
 SegmentKind = Literal["text", "think_start", "think", "think_end", "tool_start", "tool", "tool_end"]
@@ -481,62 +479,3 @@ class SpanRun:
 
 
 # ================================================================ the engine's loop
-def generate_spans(
-    engine: Engine,
-    req: Request,
-    sampler: Sampler,
-    setup: SpanSetup,
-    *,
-    emit: Callable[[bytes, Msg], None],
-    poll: Callable[[], None],
-) -> None:
-    """``Engine._generate`` for a model with markers (see the module docstring)."""
-    backend, kv = engine.backend, engine.kv
-    run = SpanRun(setup, req)
-    greedy = backend.new_sampler(0, SamplerOptions()) if setup.tool is not None else None
-    n_ctx = backend.info.n_ctx
-    try:
-        while True:
-            if req.first_logits is not None:
-                tok = backend.sample_from_logits(sampler, req.first_logits)
-                req.first_logits = None
-            elif greedy is not None and run.greedy:
-                tok = greedy.sample()
-            else:
-                tok = sampler.sample()
-            backend.decode_one(0, tok, len(kv.tokens))
-            kv.append(tok)  # hidden or not, it is in the KV (D27)
-            engine.tokens_total += 1
-            eog = backend.is_eog(tok)
-            run.feed(tok, setup.piece(backend, tok), eog=eog)
-            full = len(kv.tokens) >= n_ctx
-            # held-back tokens are not counted: a marker's first tokens must not end the reply
-            length = len(req.generated) >= req.max_tokens
-            if run.matched is None and not (eog or length or full) and run.budget_exhausted:
-                run.close_thinking()
-                inject = setup.think_end_tokens
-                if len(kv.tokens) + len(inject) < n_ctx:
-                    backend.prefill(0, inject, len(kv.tokens))
-                    kv.extend(inject)
-                    engine.tokens_total += len(inject)
-                else:
-                    full = True
-            done = run.matched is not None or eog or length or full
-            if done:
-                run.finish()
-                req.stop_sequence = run.matched
-                req.hit_length = run.matched is None and not eog
-            events = run.take()
-            if req.streaming:
-                for msg in events:
-                    emit(req.client_id, msg)
-            if done:
-                return
-            if engine.saves.continued_due(req):
-                engine.saves.save_gated(req, SaveReason.CONTINUED)
-            poll()
-            if req.cancelled:
-                return
-    finally:
-        if greedy is not None:
-            greedy.close()

@@ -574,3 +574,21 @@ def test_marker_config_validation() -> None:
     )
     validate_model_spec(ok, cache)
     assert msgspec.to_builtins(ok)["thinking_signing_key"] == "k"
+
+
+def test_span_events_go_out_before_their_token_is_decoded() -> None:
+    """One generation loop for both sinks: emit, then decode (the plain loop's order)."""
+    kv_at_emit: list[int] = []
+
+    def watch(h: Harness, _cid: bytes, msg: object) -> None:
+        if isinstance(msg, ThinkingDelta | TokenEvent):
+            kv_at_emit.append(len(h.backend.seq_tokens(0)))
+
+    h = Harness(spec=spec(SCRIPT), on_emit=watch)
+    h.complete("s", "Q?", mode="stream", thinking="enabled")
+    h.run()
+    prompt = len(h.backend.tokenize("Q?"))
+    # the first thinking delta ("a", the token after the 7 tokens of "<think>") went out
+    # while the KV held only the prompt and the marker (a one-character token each)
+    assert SCRIPT.startswith("<think>a")
+    assert kv_at_emit and kv_at_emit[0] == prompt + len("<think>")
