@@ -57,6 +57,7 @@ class TextSink:
         self._backend = backend
         self._req = req
         self._text = TextStream(req.stop_sequences)
+        self._n_ctx = backend.info.n_ctx
 
     def sampler(self, default: Sampler) -> Sampler:
         return default
@@ -66,7 +67,8 @@ class TextSink:
         req.generated.append(token)
         fragment = self._text.feed(self._backend.token_to_piece(token))
         req.stop_sequence = self._text.matched
-        done = req.stop_sequence is not None or eog or len(req.generated) >= req.max_tokens
+        length = len(req.generated) >= req.max_tokens or kv_len >= self._n_ctx
+        done = req.stop_sequence is not None or eog or length
         if done:
             fragment += self._text.finish()
         if not req.streaming:
