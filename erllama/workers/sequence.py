@@ -55,6 +55,7 @@ from erllama.workers.backend import ModelBackend
 from erllama.workers.cachelink import Candidate, WorkerCache
 from erllama.workers.request import Request
 from erllama.workers.saver import SaveJob
+from erllama.workers.slots import common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +65,6 @@ LADDER_MAX_RUNGS = 4
 WINDOW_ROW_PROBES = 6  # aligned prefix rows tried by key when rows hold only the window
 KNOWN_KEYS_MAX = 4096
 _ZERO32 = bytes(32)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the common prefix of two token lists."""
-    n = min(len(a), len(b))
-    i = 0
-    # compare in blocks first: cheap for the long shared prefixes of chat turns
-    step = 256
-    while i + step <= n and a[i : i + step] == b[i : i + step]:
-        i += step
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class KvState:

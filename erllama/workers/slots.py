@@ -47,6 +47,7 @@ session and hands back the running request to fail with ``engine_reset``.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -123,9 +124,14 @@ class _Waiting:
     session_id: str | None
 
 
-def common_prefix(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two token lists."""
     n = min(len(a), len(b))
     i = 0
+    # compare in blocks first: cheap for the long shared prefixes of chat turns
+    step = 256
+    while i + step <= n and a[i : i + step] == b[i : i + step]:
+        i += step
     while i < n and a[i] == b[i]:
         i += 1
     return i

@@ -55,7 +55,8 @@ from erllama.protocol.errors import (
 from erllama.protocol.messages import Verify, VerifyResult
 from erllama.protocol.tokens import unpack_tokens
 from erllama.workers.backend import ModelBackend
-from erllama.workers.sequence import MIN_PARTIAL_TOKENS, KvState, common_prefix
+from erllama.workers.sequence import MIN_PARTIAL_TOKENS, KvState
+from erllama.workers.slots import common_prefix
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from erllama.protocol.tokens import pack_tokens, unpack_tokens
 from erllama.workers.cachelink import Candidate
 from erllama.workers.engine import CancelSet, Engine, Inbound, InboxItem
 from erllama.workers.saver import SaveJob, SubmitResult
-from erllama.workers.sequence import common_prefix
+from erllama.workers.slots import common_prefix
 from erllama.workers.stub import StubBackend
 
 
