@@ -332,6 +332,13 @@ class OpenAI:
                 "choices": [choice],
             }
 
+        # a token's chunk is the same bytes as ``sse(chunk(...))`` with only the text
+        # changing: its head and tail are encoded once per stream, not once per token
+        head, tail = sse(chunk({"content": ""} if chat else "", None)).rsplit(b'""', 1)
+
+        def token_sse(text: str) -> bytes:
+            return head + msgspec.json.encode(text) + tail
+
         async def body() -> AsyncIterator[bytes]:
             if chat:
                 yield sse(chunk({"role": "assistant", "content": ""}, None))
@@ -340,7 +347,7 @@ class OpenAI:
             try:
                 while True:
                     if ev.kind == "token" and ev.text:
-                        yield sse(chunk({"content": ev.text} if chat else ev.text, None))
+                        yield token_sse(ev.text)
                     elif ev.kind == "tool_call_end" and chat:
                         spans.append(ev.text or "")
                         call_json = tool_calls_json([ev.text or ""])[0]
