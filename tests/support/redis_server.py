@@ -120,16 +120,17 @@ class RedisServer:
         self.proc = None
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A running redis-server on a free loopback port, stopped at teardown."""
+@contextlib.contextmanager
+def running_redis(tmp_path: Path, *, password: str | None = None) -> Iterator[RedisServer]:
+    """A running redis-server on a free loopback port (``password``: AUTH required),
+    stopped on exit."""
     binary = shutil.which("redis-server")
     if binary is None:
         redis_missing("redis-server is not on PATH")
         raise AssertionError("unreachable")
     data = tmp_path / "redis"
     data.mkdir()
-    server = RedisServer(binary, data)
+    server = RedisServer(binary, data, password=password)
     server.start()
     try:
         yield server
@@ -137,4 +138,11 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         server.stop()
 
 
-__all__ = ["SKIP_REDIS_ENV", "RedisServer", "free_port", "redis_server"]
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A running redis-server on a free loopback port, stopped at teardown."""
+    with running_redis(tmp_path) as server:
+        yield server
+
+
+__all__ = ["SKIP_REDIS_ENV", "RedisServer", "free_port", "redis_server", "running_redis"]

@@ -6,7 +6,6 @@ wrong one: its lookups are misses counted as ``remote_errors``, never a failure.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -23,7 +22,7 @@ from tests.support.cache import (
     payload_for,
     wait_until,
 )
-from tests.support.redis_server import RedisServer, redis_missing
+from tests.support.redis_server import RedisServer, running_redis
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -33,18 +32,8 @@ ROW_TOKENS = list(range(1, 301))
 
 @pytest.fixture
 def locked_store(tmp_path: Path) -> Iterator[RedisServer]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        redis_missing("redis-server is not on PATH")
-        raise AssertionError("unreachable")
-    data = tmp_path / "redis"
-    data.mkdir()
-    server = RedisServer(binary, data, password=PASSWORD)
-    server.start()
-    try:
+    with running_redis(tmp_path, password=PASSWORD) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def remote(server: RedisServer, password: str) -> dict[str, object]:

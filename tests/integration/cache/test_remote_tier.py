@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -78,6 +78,19 @@ def save(env: MetaEnv, c: MetaClient, tokens: list[int], size: int = 100_000) ->
 
 def store(server: RedisServer) -> redis.Redis:
     return redis.Redis.from_url(server.url)
+
+
+def serves(client: MetaClient, tokens: list[int]) -> Callable[[], bool]:
+    """A predicate: ``client`` finds a row for ``tokens`` now (the pin is given back)."""
+
+    def check() -> bool:
+        found = client.longest_prefix_checkout(NAMESPACE, packed(tokens), min_len=1)
+        if found is None:
+            return False
+        client.checkin(found[1].pin_ref)
+        return True
+
+    return check
 
 
 def uploaded(c: MetaClient, n: int) -> None:
@@ -208,14 +221,7 @@ def test_the_store_killed_and_restarted_mid_traffic(
         "the tier filled again",
     )
 
-    def b_hits() -> bool:
-        found = cb.longest_prefix_checkout(NAMESPACE, packed([6, *ROW_TOKENS]), min_len=1)
-        if found is None:
-            return False
-        cb.checkin(found[1].pin_ref)
-        return True
-
-    wait_until(b_hits, 30, "B served from the store again")
+    wait_until(serves(cb, [6, *ROW_TOKENS]), 30, "B served from the store again")
     got = cb.counters()
     assert got["remote_reconnects"] >= 1 and got["remote_hits"] == 1
     assert got["remote_corrupt"] == 0
@@ -237,14 +243,7 @@ def test_a_slow_store_is_a_miss_within_the_deadline(
     r.client_unpause()
     r.close()
 
-    def b_hits() -> bool:
-        found = cb.longest_prefix_checkout(NAMESPACE, packed(ROW_TOKENS), min_len=1)
-        if found is None:
-            return False
-        cb.checkin(found[1].pin_ref)
-        return True
-
-    wait_until(b_hits, 30, "B reconnected and served the row")
+    wait_until(serves(cb, ROW_TOKENS), 30, "B reconnected and served the row")
     assert cb.counters()["remote_reconnects"] == 1
 
 
@@ -263,14 +262,7 @@ def test_a_store_down_when_meta_starts_is_found_later(
         save(a, ca, ROW_TOKENS)
         wait_until(lambda: ca.counters()["remote_uploads"] >= 1, 30, "the upload")
 
-        def c_hits() -> bool:
-            found = cc.longest_prefix_checkout(NAMESPACE, packed(ROW_TOKENS), min_len=1)
-            if found is None:
-                return False
-            cc.checkin(found[1].pin_ref)
-            return True
-
-        wait_until(c_hits, 30, "C served from the store once it came up")
+        wait_until(serves(cc, ROW_TOKENS), 30, "C served from the store once it came up")
 
 
 # ================================================================ prefix pointers
